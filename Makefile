@@ -1,0 +1,66 @@
+# clipsearch: `make help` lists the targets. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/clipsearch
+STAMP := $(VENV)/.installed
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+DATA ?=
+OUT ?=
+MODEL ?= default
+EPOCHS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install apt test lint model train eval index demo clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+apt: ## install the Debian packages behind the default model and the demo gallery (when missing)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+install: $(STAMP) apt ## create .venv and install everything (idempotent, seconds when done)
+
+test: install ## run the test suite (hermetic: no network, no GPU)
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+lint: install ## ruff + mypy
+	$(VENV)/bin/ruff check models app indexer tests
+	$(VENV)/bin/mypy models app indexer
+
+model: install ## retrain the embedded default model from scratch (about 25 min on 2 cores)
+	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS))
+
+train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch]
+	@test -n "$(DATA)" || { echo "usage: make train DATA=path OUT=dir [MODEL=arch-or-dir]"; exit 2; }
+	$(CLI) train $(DATA) --out $(or $(OUT),runs/train) --model $(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))
+
+eval: install ## Recall@K: make eval DATA=manifest-or-folder [MODEL=default]
+	@test -n "$(DATA)" || { echo "usage: make eval DATA=path [MODEL=...]"; exit 2; }
+	$(CLI) eval $(DATA) --model $(MODEL)
+
+index: install ## build a FAISS index: make index DATA=folder-or-manifest [OUT=indexes/default] [MODEL=default]
+	@test -n "$(DATA)" || { echo "usage: make index DATA=path [OUT=dir] [MODEL=...]"; exit 2; }
+	$(CLI) index $(DATA) --out $(or $(OUT),indexes/default) --model $(MODEL)
+
+demo: install ## search the stamps gallery with the default model (example queries)
+	$(CLI) demo --model $(MODEL)
+
+clean: ## remove build outputs (keeps .venv and the committed default model)
+	rm -rf build runs .pytest_cache

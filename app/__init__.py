@@ -1,0 +1,1 @@
+"""clipsearch app: the online side (search service, demo) and the root `clipsearch` command."""

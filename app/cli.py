@@ -1,0 +1,70 @@
+"""The root `clipsearch` command: gathers each package's subcommands under one parser.
+
+It lives in `app/` because `app` sits on top of the dependency chain (`models` <- `indexer` <-
+`app`) and so may import every package's CLI; the packages below never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from app import demo
+from indexer import cli as index_cli
+from models import cli as model_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipsearch",
+        description="CLIP-style cross-modal retrieval: train and evaluate dual encoders, search images.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_cli.add_commands(subparsers)
+    index_cli.add_command(subparsers)
+    demo.add_command(subparsers)
+    return parser
+
+
+class _QuietLibraries(logging.Filter):
+    """open_clip logs its progress through the root logger and transformers reports the unused
+    pooler of the MiniLM checkpoint: routine at our call sites, so shown with --verbose only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/open_clip/", "/transformers/", "/faiss/"))
+        return record.levelno >= logging.ERROR or not noisy
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietLibraries())
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    # The default model's text tower ships inside a Python package: never reach for a model hub
+    # unless the user allowed it explicitly.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return int(args.handler(args))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        logging.getLogger("clipsearch").error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

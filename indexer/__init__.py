@@ -1,0 +1,1 @@
+"""clipsearch indexer: offline reader -> embedder -> writer -> FAISS build -> published index."""

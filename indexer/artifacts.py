@@ -1,0 +1,197 @@
+"""The on-disk index format, its publication and `load_index`: the only module `app/` imports.
+
+An index directory `OUT/` holds published versions and a `current` symlink naming the live one:
+
+    OUT/current -> versions/20261124T203000-1a2b3c
+    OUT/versions/<version>/manifest.json      format, model fingerprint, counts, files + sha256
+                           embeddings.npy     image vectors (N, D), float32 or float16, id order
+                           metadata.jsonl     one row per id: source, duplicates, caption, size, sha256, extra
+                           image.faiss        the image index (CPU form)
+                           texts.jsonl        one row per text id: text, ids of the items it captions
+                           text_embeddings.npy, text.faiss   the text side (image -> text search)
+                           rejects.jsonl      inputs that were not indexed, with their reason
+    OUT/work/                                 shards of a run in progress
+
+A version is written completely (every file fsynced, the manifest last) and checked by loading it
+before `current` is swapped to it with one atomic rename, so readers only ever see complete
+indexes; nothing is ever rewritten in place (a server may have the old files mapped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from models.checkpoint import fsync_dir
+from models.encoder import ModelFingerprint
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CURRENT = "current"
+VERSIONS = "versions"
+WORK = "work"
+FILES = ("embeddings.npy", "metadata.jsonl", "image.faiss", "texts.jsonl", "text_embeddings.npy",
+         "text.faiss", "rejects.jsonl")
+
+
+class InvalidIndex(ValueError):
+    """An index directory that is missing, incomplete, corrupt or of an unknown format."""
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def search_parameters(factory: str, search_params: dict[str, int]) -> faiss.SearchParameters | None:
+    """Per-call FAISS search parameters (thread-safe, unlike setting them on the shared index)."""
+    if factory.startswith("HNSW") and "efSearch" in search_params:
+        return faiss.SearchParametersHNSW(efSearch=int(search_params["efSearch"]))  # type: ignore[attr-defined]
+    if factory.startswith("IVF") and "nprobe" in search_params:
+        return faiss.SearchParametersIVF(nprobe=int(search_params["nprobe"]))  # type: ignore[call-arg]
+    return None
+
+
+@dataclass
+class LoadedIndex:
+    """A published index in memory. Ids are row numbers of `embeddings` / `metadata`."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    image_index: faiss.Index
+    text_index: faiss.Index
+    embeddings: np.ndarray  # (N, D) memory-mapped
+    metadata: list[dict[str, Any]]
+    texts: list[dict[str, Any]]
+    text_embeddings: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return ModelFingerprint.from_dict(self.manifest["model"])
+
+    @property
+    def version(self) -> str:
+        return self.directory.name
+
+    def image_search_params(self) -> faiss.SearchParameters | None:
+        spec = self.manifest["index"]["image"]
+        return search_parameters(spec["factory"], spec.get("search_params", {}))
+
+
+def resolve_version(path: Path) -> Path:
+    """The version directory that `path` names: itself (a version) or its `current` link."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / CURRENT).exists():
+        return (path / CURRENT).resolve()
+    raise InvalidIndex(f"{path} holds no published index (no {MANIFEST} and no {CURRENT} link)")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fp:
+        return [json.loads(line) for line in fp if line.strip()]
+
+
+def load_index(path: Path, expected: ModelFingerprint | None = None, verify: bool = True) -> LoadedIndex:
+    """Load a published index. Raises `InvalidIndex` naming the bad file, or `FingerprintMismatch`
+    when `expected` (the serving model) is not the model the index was built with.
+
+    `verify`: check every file's sha256 against the manifest (a flipped byte is caught).
+    """
+    directory = resolve_version(path)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidIndex(f"{directory / MANIFEST}: unreadable manifest ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InvalidIndex(f"{directory}: index format {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if expected is not None:
+        expected.ensure_matches(ModelFingerprint.from_dict(manifest["model"]), f"index {directory}")
+    for name, info in manifest["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise InvalidIndex(f"{file}: missing")
+        if file.stat().st_size != info["size"] or (verify and file_digest(file) != info["sha256"]):
+            raise InvalidIndex(f"{file}: content does not match the manifest (corrupt or changed)")
+    try:
+        loaded = LoadedIndex(
+            directory=directory,
+            manifest=manifest,
+            image_index=faiss.read_index(str(directory / "image.faiss")),
+            text_index=faiss.read_index(str(directory / "text.faiss")),
+            embeddings=np.load(directory / "embeddings.npy", mmap_mode="r"),
+            metadata=_read_jsonl(directory / "metadata.jsonl"),
+            texts=_read_jsonl(directory / "texts.jsonl"),
+            text_embeddings=np.load(directory / "text_embeddings.npy", mmap_mode="r"),
+        )
+    except (OSError, RuntimeError, ValueError, json.JSONDecodeError) as exc:
+        raise InvalidIndex(f"{directory}: cannot read index files ({exc})") from None
+    counts = (loaded.image_index.ntotal, len(loaded.metadata), len(loaded.embeddings))
+    if len(set(counts)) != 1 or loaded.text_index.ntotal != len(loaded.texts):
+        raise InvalidIndex(f"{directory}: files disagree on the number of items {counts}")
+    return loaded
+
+
+# -- writing -------------------------------------------------------------------------------------
+def new_version_dir(out_dir: Path) -> Path:
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+    path = out_dir / VERSIONS / name
+    path.mkdir(parents=True)
+    return path
+
+
+def write_faiss(index: faiss.Index, path: Path) -> None:
+    """`faiss.write_index` truncates in place and only prints a failed close: write to a temp
+    name, fsync, read back, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    with tmp.open("rb+") as fp:
+        os.fsync(fp.fileno())
+    if faiss.read_index(str(tmp)).ntotal != index.ntotal:
+        raise OSError(f"{tmp}: FAISS index did not read back whole")
+    os.replace(tmp, path)
+
+
+def finish_version(version_dir: Path, manifest: dict[str, Any]) -> None:
+    """Record every file's digest in the manifest and write it last (its presence = complete)."""
+    from models.checkpoint import write_json
+
+    manifest = dict(manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = {
+        name: {"size": (version_dir / name).stat().st_size, "sha256": file_digest(version_dir / name)}
+        for name in FILES
+    }
+    fsync_dir(version_dir)
+    write_json(version_dir / MANIFEST, manifest)
+
+
+def publish(out_dir: Path, version_dir: Path, keep: int = 2) -> None:
+    """Point `current` at `version_dir` atomically (after checking it loads); prune old versions."""
+    load_index(version_dir)  # never publish what we cannot read back
+    link = out_dir / CURRENT
+    tmp = out_dir / f".{CURRENT}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(VERSIONS) / version_dir.name)
+    os.replace(tmp, link)
+    fsync_dir(out_dir)
+    live = version_dir.name
+    versions = sorted(p for p in (out_dir / VERSIONS).iterdir() if p.is_dir() and p.name != live)
+    for old in versions[: max(0, len(versions) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,273 @@
+"""One indexing run: source -> embedder -> shards -> FAISS build -> published version.
+
+Incremental: vectors of files whose content hash the published index already holds are reused, so
+a re-run embeds only new or changed files, and deleted files simply drop out. Resumable: complete
+shards of an interrupted run are kept (see `indexer.writer`). Accounted: every input record ends
+as exactly one of indexed (embedded or reused), duplicate, rejected (by reason) or text-only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer import artifacts
+from indexer.build import build_index
+from indexer.embed import Embedder, Previous
+from indexer.reader import Source
+from indexer.writer import ShardRow, ShardWriter, iter_shards, prepare_work_dir
+from models.images import ImageLimits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Settings of one run, built by the CLI and passed down."""
+
+    out_dir: Path
+    batch_size: int = 64
+    workers: int = 4
+    shard_size: int = 2048
+    index_type: str | None = None  # a FAISS factory string; None: chosen by size
+    float16: bool = False
+    memory_budget_bytes: int = 8 << 30
+    use_gpu: bool = True
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    inputs: int = 0
+    indexed: int = 0
+    embedded: int = 0
+    reused: int = 0
+    duplicates: int = 0
+    texts_only: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    embed_seconds: float = 0.0  # the read -> decode -> encode loop alone
+    published: str | None = None
+    unchanged: bool = False
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def balanced(self) -> bool:
+        return self.inputs == self.indexed + self.duplicates + self.rejected_total + self.texts_only
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs, "indexed": self.indexed, "embedded": self.embedded, "reused": self.reused,
+            "duplicates": self.duplicates, "texts_only": self.texts_only, "rejected": self.rejected_total,
+            "rejected_by_reason": dict(self.rejected), "seconds": round(self.seconds, 2),
+            "embed_seconds": round(self.embed_seconds, 2),
+        }
+
+    def render(self) -> str:
+        rate = self.embedded / self.embed_seconds if self.embed_seconds else 0.0
+        lines = [
+            f"inputs     {self.inputs}",
+            f"indexed    {self.indexed}  (embedded {self.embedded}, reused {self.reused})",
+            f"duplicates {self.duplicates}",
+            f"rejected   {self.rejected_total}" + (f"  {dict(self.rejected)}" if self.rejected else ""),
+        ]
+        if self.texts_only:
+            lines.append(f"texts only {self.texts_only}")
+        check = "==" if self.balanced else "!="
+        lines.append(f"check      inputs {check} indexed + duplicates + rejected" +
+                     (" + texts" if self.texts_only else ""))
+        lines.append(f"time       {self.seconds:.1f} s in all; embedding {self.embedded} images took "
+                     f"{self.embed_seconds:.1f} s ({rate:.1f} images/s)")
+        lines.append("published  " + (self.published or "nothing changed: the published index is up to date"))
+        return "\n".join(lines)
+
+
+def _previous_vectors(out_dir: Path, encoder: Any) -> tuple[Previous, artifacts.LoadedIndex | None]:
+    """Vectors of the published index, when it was built with this same model."""
+    try:
+        index = artifacts.load_index(out_dir, verify=False)
+    except artifacts.InvalidIndex:
+        return {}, None
+    if index.fingerprint != encoder.fingerprint:
+        logger.info("the published index was built with another model: embedding everything again")
+        return {}, None
+    previous: Previous = {}
+    for row, meta in enumerate(index.metadata):
+        previous[meta["sha256"]] = (np.asarray(index.embeddings[row], dtype=np.float32), meta["width"], meta["height"])
+    return previous, index
+
+
+def _run_key(source: Source, encoder: Any, config: IndexConfig, previous: artifacts.LoadedIndex | None) -> dict[str, Any]:
+    """What must be equal for shards of an earlier run to be reused."""
+    return {"source": str(source.root), "kind": source.kind, "model": encoder.fingerprint.as_dict(),
+            "shard_size": config.shard_size, "max_pixels": config.limits.max_pixels,
+            "previous": previous.version if previous else None}
+
+
+def _collect(work_dir: Path, dim: int) -> tuple[list[ShardRow], np.ndarray]:
+    rows: list[ShardRow] = []
+    parts: list[np.ndarray] = []
+    offset = 0
+    for shard_rows, vectors in iter_shards(work_dir):
+        for row in shard_rows:
+            rows.append(ShardRow(**{**row.__dict__, "row": row.row + offset if row.row >= 0 else -1}))
+        if len(vectors):
+            parts.append(vectors)
+            offset += len(vectors)
+    return rows, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    from models.checkpoint import atomic_write
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    from models.checkpoint import atomic_write
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fp:
+            np.save(fp, array)
+
+    atomic_write(path, write)
+
+
+def _tables(rows: list[ShardRow]) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(metadata rows, their vector rows, text rows, reject rows) from the shard rows."""
+    metadata: list[dict[str, Any]] = []
+    vector_rows: list[int] = []
+    by_source: dict[str, int] = {}
+    rejects: list[dict[str, Any]] = []
+    captions: dict[str, list[int]] = {}
+    for row in rows:
+        if row.kind in ("embedded", "reused"):
+            item_id = len(metadata)
+            by_source[row.source] = item_id
+            metadata.append({"id": item_id, "source": row.source, "duplicates": [], "caption": row.caption,
+                             "width": row.width, "height": row.height, "sha256": row.sha256, "extra": row.extra})
+            vector_rows.append(row.row)
+            if row.caption:
+                captions.setdefault(row.caption, []).append(item_id)
+        elif row.kind == "duplicate":
+            owner = metadata[by_source[row.extra["of"]]]
+            owner["duplicates"].append(row.source)
+            if row.caption and row.caption != owner["caption"]:
+                captions.setdefault(row.caption, []).append(owner["id"])
+        elif row.kind == "text":
+            captions.setdefault(row.caption, [])
+        else:
+            rejects.append({"source": row.source, "reason": row.reason, "message": row.message})
+    texts = [{"id": i, "text": text, "ids": ids} for i, (text, ids) in enumerate(captions.items())]
+    return metadata, vector_rows, texts, rejects
+
+
+def _summarise(rows: list[ShardRow], started: float) -> Summary:
+    summary = Summary(inputs=len(rows), seconds=time.time() - started)
+    for row in rows:
+        if row.kind == "embedded":
+            summary.embedded += 1
+        elif row.kind == "reused":
+            summary.reused += 1
+        elif row.kind == "duplicate":
+            summary.duplicates += 1
+        elif row.kind == "text":
+            summary.texts_only += 1
+        else:
+            summary.rejected[row.reason] += 1
+    summary.indexed = summary.embedded + summary.reused
+    return summary
+
+
+def _unchanged(previous: artifacts.LoadedIndex | None, metadata: list[dict[str, Any]],
+               texts: list[dict[str, Any]], rejects: list[dict[str, Any]]) -> bool:
+    if previous is None:
+        return False
+    old = [(m["source"], m["sha256"], m["caption"], m["duplicates"], m["extra"]) for m in previous.metadata]
+    new = [(m["source"], m["sha256"], m["caption"], m["duplicates"], m["extra"]) for m in metadata]
+    old_texts = [t["text"] for t in previous.texts]
+    return old == new and old_texts == [t["text"] for t in texts] and \
+        previous.manifest["counts"]["rejected"] == len(rejects)
+
+
+def run_index(source: Source, encoder: Any, config: IndexConfig) -> Summary:
+    """Index `source` into `config.out_dir` and publish the result (see module docstring)."""
+    started = time.time()
+    out_dir = config.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous, previous_index = _previous_vectors(out_dir, encoder)
+    work_dir = out_dir / artifacts.WORK
+    next_shard, done = prepare_work_dir(work_dir, _run_key(source, encoder, config, previous_index))
+    embedder = Embedder(encoder, config.batch_size, config.workers, config.limits, previous)
+    for rows, _ in iter_shards(work_dir):  # files of finished shards count as seen (duplicates)
+        embedder.seen.update({r.sha256: r.source for r in rows if r.kind in ("embedded", "reused")})
+    todo = [r for r in source.records if r.source not in done]
+    writer = ShardWriter(work_dir, config.shard_size, next_shard)
+    bar = tqdm(total=len(source.records), initial=len(source.records) - len(todo), unit="img",
+               desc="index", disable=not config.progress, smoothing=0.1)
+    embed_started = time.time()
+    for outcome in embedder.run(todo):
+        writer.add(outcome)
+        bar.update(1)
+    writer.flush()
+    bar.close()
+    rows, vectors = _collect(work_dir, encoder.dim)
+    metadata, vector_rows, texts, rejects = _tables(rows)
+    summary = _summarise(rows, started)
+    summary.embed_seconds = time.time() - embed_started
+    if _unchanged(previous_index, metadata, texts, rejects):
+        shutil.rmtree(work_dir, ignore_errors=True)
+        summary.unchanged = True
+        summary.seconds = time.time() - started
+        return summary
+    image_vectors = vectors[vector_rows] if vector_rows else np.zeros((0, encoder.dim), np.float32)
+    summary.published = _publish(source, encoder, config, image_vectors, metadata, texts, rejects, summary)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: np.ndarray,
+             metadata: list[dict[str, Any]], texts: list[dict[str, Any]], rejects: list[dict[str, Any]],
+             summary: Summary) -> str:
+    version = artifacts.new_version_dir(config.out_dir)
+    image_index, image_plan = build_index(image_vectors, config.index_type, config.memory_budget_bytes,
+                                          config.use_gpu)
+    text_vectors = encoder.encode_texts([t["text"] for t in texts])
+    text_index, text_plan = build_index(text_vectors, None, config.memory_budget_bytes, config.use_gpu)
+    stored = image_vectors.astype(np.float16 if config.float16 else np.float32)
+    _save_array(version / "embeddings.npy", stored)
+    _save_array(version / "text_embeddings.npy", text_vectors.astype(np.float32))
+    _write_jsonl(version / "metadata.jsonl", metadata)
+    _write_jsonl(version / "texts.jsonl", texts)
+    _write_jsonl(version / "rejects.jsonl", rejects)
+    artifacts.write_faiss(image_index, version / "image.faiss")
+    artifacts.write_faiss(text_index, version / "text.faiss")
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": encoder.fingerprint.as_dict(),
+        "dim": encoder.dim,
+        "metric": "inner_product",
+        "normalized": True,
+        "embeddings_dtype": str(stored.dtype),
+        "counts": {**summary.as_dict(), "texts": len(texts)},
+        "index": {"image": image_plan.as_dict(), "text": text_plan.as_dict()},
+        "source": source.describe(),
+    }
+    artifacts.finish_version(version, manifest)
+    artifacts.publish(config.out_dir, version)
+    return str(version)

@@ -1,0 +1,128 @@
+"""On-disk formats of models: project model directories and resumable training checkpoints.
+
+A project model directory holds `open_clip_config.json` (open_clip's own `local-dir:` format plus
+a `clipsearch` section) and either `open_clip_model.safetensors` (every weight; open_clip loads the
+directory as `local-dir:DIR`) or `trained/parts.safetensors` (only the trained weights; the frozen
+pretrained towers are loaded from their own source). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "open_clip_config.json"
+FULL_WEIGHTS_NAME = "open_clip_model.safetensors"
+# Kept in a subfolder so open_clip's `local-dir:` loader does not mistake it for full weights.
+PARTIAL_WEIGHTS_NAME = "trained/parts.safetensors"
+TRAIN_STATE_PATTERN = "step_{step:08d}.pt"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry so a rename inside it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, fsync the file, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; published artefacts are read by other users
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as fp:
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_model_dir(
+    out_dir: Path,
+    model: torch.nn.Module,
+    model_config: dict[str, Any],
+    preprocess_config: dict[str, Any],
+    meta: dict[str, Any],
+    only: Iterable[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a model directory. `only`: parameter-name prefixes to keep (a partial directory).
+
+    `dtype` stores floating weights in a smaller type (e.g. float16 for a committed checkpoint);
+    they are cast back to the model's dtype on load.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = _contiguous(model.state_dict())
+    if only is not None:
+        prefixes = tuple(only)
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    name = FULL_WEIGHTS_NAME if only is None else PARTIAL_WEIGHTS_NAME
+    atomic_write(out_dir / name, lambda tmp: save_file(state, str(tmp)))
+    config = {
+        "model_cfg": model_config,
+        "preprocess_cfg": preprocess_config,
+        "clipsearch": {**meta, "weights": "full" if only is None else "partial"},
+    }
+    write_json(out_dir / CONFIG_NAME, config)  # written last: its presence means "complete"
+    return out_dir
+
+
+def read_model_dir(model_dir: Path) -> tuple[dict[str, Any], Path]:
+    """Return (config, weights file) of a model directory, or raise FileNotFoundError."""
+    config_path = model_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory: {CONFIG_NAME} is missing")
+    config = json.loads(config_path.read_text())
+    for name in (FULL_WEIGHTS_NAME, PARTIAL_WEIGHTS_NAME):
+        if (model_dir / name).is_file():
+            return config, model_dir / name
+    raise FileNotFoundError(f"{model_dir} has no weights ({FULL_WEIGHTS_NAME} or {PARTIAL_WEIGHTS_NAME})")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_train_state(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write a resumable training checkpoint and prune older ones, keeping the newest `keep`."""
+    ckpt_dir = run_dir / "checkpoints"
+    path = ckpt_dir / TRAIN_STATE_PATTERN.format(step=step)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_train_state(run_dir: Path) -> Path | None:
+    """Newest complete training checkpoint of a run, if any (temp files are never matched)."""
+    found = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    # Our own checkpoints hold optimizer state and RNG states, which are not plain tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,192 @@
+"""The model subcommands of `clipsearch`: `train`, `eval` and `model` (rebuild the default model).
+
+Arguments are parsed here, at the edge, into `TrainConfig` and plain values; the library functions
+never see the argparse namespace. Heavy imports happen inside the handlers so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str = "default") -> None:
+    parser.add_argument(
+        "--model",
+        default=default,
+        help="'default' (the embedded model), a model directory, an open_clip architecture name "
+        "(e.g. ViT-B-32), or open_clip's local-dir:/hf-hub: names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="with an architecture name: an open_clip pretrained tag (e.g. laion2b_s34b_b79k, needs "
+        "the hub) or a local checkpoint file",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "data",
+        type=Path,
+        help="a CSV/TSV/JSONL/Parquet manifest, a folder of images with same-name .txt captions, or a "
+        "Karpathy-split JSON (with --images-root)",
+    )
+    parser.add_argument("--image-column", default=None, help="manifest column with image paths")
+    parser.add_argument("--caption-column", default=None, help="manifest column with captions")
+    parser.add_argument("--images-root", type=Path, default=None, help="image folder of a Karpathy JSON")
+    parser.add_argument(
+        "--split", default="test", help="Karpathy split to use (train/val/test/restval, 'all': every one)"
+    )
+
+
+def _read_pairs(args: argparse.Namespace) -> Any:
+    from models.data import read_pairs
+
+    pair_set = read_pairs(
+        args.data,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        images_root=args.images_root,
+        karpathy_split=None if args.split == "all" else args.split,
+    )
+    if pair_set.skipped:
+        logger.warning("skipped %d rows: %s", sum(pair_set.skipped.values()), dict(pair_set.skipped))
+    return pair_set
+
+
+def _train(args: argparse.Namespace) -> int:
+    import open_clip
+
+    from models.config import AugmentConfig, TrainConfig
+    from models.encoder import create_model
+    from models.train import Trainer
+
+    config = TrainConfig(
+        output_dir=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+        lock_text=args.lock_text,
+        lock_image=args.lock_image,
+        val_fraction=args.val_fraction,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        num_workers=args.workers,
+        cache_images=not args.no_cache,
+        augment=AugmentConfig() if not args.no_augment else AugmentConfig(
+            scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.0, grayscale=0.0
+        ),
+        device=args.device,
+        max_steps=args.max_steps,
+        progress=not args.quiet,
+    )
+    import torch
+
+    pair_set = _read_pairs(args)
+    torch.manual_seed(args.seed)  # the initial weights of a model trained from scratch
+    loaded = create_model(args.model, args.pretrained)
+    tokenizer = open_clip.get_tokenizer(loaded.registered_name)
+    result = Trainer(loaded, tokenizer, pair_set, config).run()
+    last = result.metrics[-1] if result.metrics else {}
+    print(json.dumps({"model_dir": str(result.model_dir), "steps": result.steps,
+                      "skipped": dict(result.skipped), "last_epoch": last}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from models.encoder import load_encoder
+    from models.evaluate import evaluate, held_out_only
+
+    pair_set = _read_pairs(args)
+    if args.held_out is not None:
+        pair_set = held_out_only(pair_set, args.held_out, args.seed)
+    encoder = load_encoder(args.model, args.pretrained, device=args.device)
+    report = evaluate(encoder, pair_set, progress=not args.quiet)
+    result = {"model": str(encoder.fingerprint), **report.as_dict()}
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from models.default_model import export_default_model, train_default_model
+
+    started = time.time()
+    from models.default_model import DEFAULT_EPOCHS
+
+    epochs = args.epochs or DEFAULT_EPOCHS
+    trained = train_default_model(args.data_dir, args.run_dir, epochs=epochs, progress=not args.quiet)
+    logger.info("trained in %.1f min", (time.time() - started) / 60)
+    if args.no_export:
+        print(trained)
+    else:
+        print(export_default_model(trained))
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `train`, `eval` and `model` on the root parser's subparsers."""
+    train = subparsers.add_parser("train", help="contrastive training on image-caption pairs")
+    _add_data_arguments(train)
+    _add_model_arguments(train, default="clipsearch-tiny")
+    train.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--grad-clip", type=float, default=1.0)
+    train.add_argument("--lock-text", action="store_true", help="freeze the text tower (LiT)")
+    train.add_argument("--lock-image", action="store_true", help="freeze the image tower")
+    train.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of images")
+    train.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    train.add_argument("--no-cache", action="store_true", help="re-read images every epoch")
+    train.add_argument("--no-augment", action="store_true", help="plain resize, no augmentation")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser("eval", help="Recall@1/5/10 of a model on a captioned set")
+    _add_data_arguments(evaluate)
+    _add_model_arguments(evaluate)
+    evaluate.add_argument(
+        "--held-out", type=float, default=None, metavar="FRACTION",
+        help="score only the pairs a training run with this --val-fraction held out",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="the training run's seed (with --held-out)")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(handler=_eval)
+
+    model = subparsers.add_parser("model", help="rebuild the embedded default model from Debian packages")
+    model.add_argument("--data-dir", type=Path, default=Path("build/default-data"))
+    model.add_argument("--run-dir", type=Path, default=Path("runs/default"))
+    model.add_argument("--epochs", type=int, default=None, help="default: the recipe's own")
+    model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
+    model.add_argument("--quiet", action="store_true")
+    model.set_defaults(handler=_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point with only the model subcommands (the full CLI is `app.cli:main`)."""
+    parser = argparse.ArgumentParser(prog="clipsearch")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return int(args.handler(args))

@@ -1,0 +1,48 @@
+"""Frozen configuration records for the encoder and the trainer, built at the CLI edge and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time image augmentation (evaluation always uses the plain preprocess)."""
+
+    scale: tuple[float, float] = (0.6, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (0.75, 1.333)
+    hflip: float = 0.5  # probability of a horizontal flip
+    color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
+    grayscale: float = 0.05  # probability of converting to greyscale
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one contrastive training run needs besides the data and the starting model."""
+
+    output_dir: Path
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    lock_text: bool = False
+    lock_image: bool = False
+    # Fraction of pairs held out for Recall@K each epoch; split by a hash of the image path.
+    val_fraction: float = 0.1
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at the end of every epoch
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 0
+    # Decode every image once and keep a small copy in memory: cheap epochs on small data sets.
+    cache_images: bool = True
+    # With a locked text tower, also contrast each image against every training caption, not
+    # only the batch's (text features are precomputed once, so this costs one matmul).
+    caption_bank_loss: bool = True
+    label_smoothing: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    device: str | None = None  # None: CUDA when available, else CPU
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    progress: bool = True

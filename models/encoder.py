@@ -1,0 +1,284 @@
+"""The dual encoder: PIL images and strings in, float32 L2-normalised `(n, d)` numpy arrays out.
+
+`load_encoder` accepts the embedded default model, a project model directory, an open_clip
+architecture with a pretrained tag or a local checkpoint file, or open_clip's `local-dir:` /
+`hf-hub:` names. Preprocessing runs on the CPU; the model runs on CUDA when present (autocast,
+channels_last) and on the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from models import checkpoint, registry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Identity of a model's embedding space. Two encoders with equal fingerprints embed alike."""
+
+    architecture: str
+    weights_sha256: str
+    dim: int
+
+    def __str__(self) -> str:
+        return f"{self.architecture}/{self.weights_sha256[:16]}/{self.dim}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "weights_sha256": self.weights_sha256, "dim": self.dim}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
+        return cls(str(data["architecture"]), str(data["weights_sha256"]), int(data["dim"]))
+
+    def ensure_matches(self, recorded: ModelFingerprint, what: str = "artefact") -> None:
+        """Raise `FingerprintMismatch` unless `recorded` (from an index, say) names this model.
+
+        The weights digest decides: two models of the same architecture and dimension but other
+        weights embed into different spaces, and a dimension check alone would let them pass.
+        """
+        if recorded != self:
+            raise FingerprintMismatch(
+                f"{what} was made with model {recorded}, but the loaded model is {self}; "
+                "rebuild it with this model or load the model it was built with"
+            )
+
+
+class FingerprintMismatch(ValueError):
+    """An artefact (index, embeddings) was made by a different model than the one given."""
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict, in name order (independent of file format)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
+        digest.update(data.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> CUDA if available else CPU; a CUDA request without CUDA falls back to the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("CUDA was requested but is not available; running on the CPU")
+        return torch.device("cpu")
+    return device
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class DualEncoder:
+    """An open_clip model with its preprocess and tokenizer, ready to embed."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[..., torch.Tensor],
+        architecture: str,
+        device: torch.device,
+        image_batch_size: int = 64,
+        text_batch_size: int = 256,
+    ) -> None:
+        self.model: Any = model.eval()  # an open_clip CLIP / CustomTextCLIP
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.image_batch_size = image_batch_size
+        self.text_batch_size = text_batch_size
+        self._architecture = architecture
+        self._fingerprint: ModelFingerprint | None = None
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            probe = self.tokenizer(["probe"]).to(device)
+            self.dim = int(self.model.encode_text(probe).shape[-1])
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        if self._fingerprint is None:  # hashing the weights takes a moment: only when asked
+            self._fingerprint = ModelFingerprint(self._architecture, weights_digest(self.model), self.dim)
+        return self._fingerprint
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.model.visual, "image_size", 224)
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def _run(self, encode: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), _autocast(self.device):
+            batch = batch.to(self.device, non_blocking=True)
+            if batch.ndim == 4 and self.device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            features = encode(batch)
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed already preprocessed images `(n, 3, H, W)` -> float32 `(n, d)`, unit norm."""
+        out = np.empty((pixels.shape[0], self.dim), dtype=np.float32)
+        for part in _batches(pixels.shape[0], self.image_batch_size):
+            out[part] = self._run(self.model.encode_image, pixels[part])
+        return out
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB PIL images (see `models.images.load_image`) -> float32 `(n, d)`, unit norm."""
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for part in _batches(len(images), self.image_batch_size):
+            pixels = torch.stack([self.preprocess(image) for image in images[part]])
+            out[part] = self._run(self.model.encode_image, pixels)
+        return out
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed strings -> float32 `(n, d)`, unit norm. Over-long texts are truncated by the tokenizer."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for part in _batches(len(texts), self.text_batch_size):
+            tokens = self.tokenizer(list(texts[part]))
+            out[part] = self._run(self.model.encode_text, tokens)
+        return out
+
+
+@dataclass
+class LoadedModel:
+    """A freshly built open_clip model and what is needed to save it again."""
+
+    model: torch.nn.Module
+    architecture: str
+    registered_name: str
+    model_config: dict[str, Any]
+    preprocess_config: dict[str, Any]
+    text_hub_id: str | None
+
+
+def _preprocess_config(model: torch.nn.Module, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    config = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    config.update(overrides or {})
+    return config
+
+
+def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the model stored in a project model directory (full or partial weights)."""
+    config, weights_path = checkpoint.read_model_dir(model_dir)
+    meta = config.get("clipsearch", {})
+    hub_id = meta.get("text_hub_id")
+    model_config = registry.resolve_text_tower(config["model_cfg"], hub_id)
+    name = registry.register_config(model_config)
+    partial = weights_path.name != checkpoint.FULL_WEIGHTS_NAME
+    model = open_clip.create_model(
+        name,
+        pretrained=None if partial else str(weights_path),
+        pretrained_text=partial,  # partial dirs take the frozen text tower from its own weights
+        device="cpu",
+    )
+    if partial:
+        state = checkpoint.load_weights(weights_path)
+        reference = model.state_dict()
+        state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+        result = model.load_state_dict(state, strict=False)
+        missing_trained = [k for k in result.missing_keys if not k.startswith("text.")]
+        if result.unexpected_keys or missing_trained:
+            raise ValueError(
+                f"{weights_path} does not fit its config: unexpected {result.unexpected_keys[:5]}, "
+                f"missing {missing_trained[:5]}"
+            )
+    model.to(device)
+    return LoadedModel(
+        model=model,
+        architecture=str(meta.get("architecture", name)),
+        registered_name=name,
+        model_config=model_config,
+        preprocess_config=_preprocess_config(model, config.get("preprocess_cfg")),
+        text_hub_id=hub_id,
+    )
+
+
+def create_model(
+    model: str | Path = "default",
+    pretrained: str | None = None,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
+    """Build a model from any supported source (see module docstring)."""
+    if str(model) == "default":
+        model = DEFAULT_MODEL_DIR
+    path = Path(model)
+    if path.is_dir() and (path / checkpoint.CONFIG_NAME).is_file():
+        return load_model_dir(path, device)
+    name = str(model)
+    if name.startswith(("local-dir:", "hf-hub:")):
+        built = open_clip.create_model(name, device=device)
+        model_config: dict[str, Any] = {}
+        architecture = name
+    else:
+        model_config = registry.get_model_config(name)
+        resolved = registry.resolve_text_tower(model_config)
+        if resolved != model_config:  # the text tower's weights come from a local package
+            name = registry.register_config(resolved)
+        built = open_clip.create_model(name, pretrained=pretrained, device=device)
+        architecture = str(model) if not pretrained else f"{model}:{Path(pretrained).name}"
+        model_config = resolved
+    return LoadedModel(
+        model=built,
+        architecture=architecture,
+        registered_name=name,
+        model_config=model_config,
+        preprocess_config=_preprocess_config(built, None),
+        text_hub_id=registry.text_tower_hub_id(model_config) if model_config else None,
+    )
+
+
+def load_encoder(
+    model: str | Path = "default",
+    pretrained: str | None = None,
+    device: str | torch.device | None = None,
+    image_batch_size: int = 64,
+    text_batch_size: int = 256,
+) -> DualEncoder:
+    """Load a model for inference. See the module docstring for what `model` may name.
+
+    `pretrained`: an open_clip pretrained tag (needs its hub online or cached) or a checkpoint
+    file, for an architecture name. Raises FileNotFoundError / KeyError / RuntimeError for a
+    model that cannot be found.
+    """
+    target = resolve_device(device)
+    loaded = create_model(model, pretrained, device=target)
+    preprocess = image_transform_v2(PreprocessCfg(**loaded.preprocess_config), is_train=False)
+    tokenizer = open_clip.get_tokenizer(loaded.registered_name)
+    return DualEncoder(
+        loaded.model,
+        preprocess,
+        tokenizer,
+        loaded.architecture,
+        target,
+        image_batch_size=image_batch_size,
+        text_batch_size=text_batch_size,
+    )

@@ -1,0 +1,66 @@
+"""Retrieval evaluation of any encoder on a captioned set: Recall@1/5/10 in both directions."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from models.data import PairSet, is_held_out, split_key
+from models.encoder import DualEncoder
+from models.images import ImageRejected, load_image
+from models.metrics import DEFAULT_KS, retrieval_recall
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    recall: dict[str, float]
+    images: int
+    texts: int
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"recall": self.recall, "images": self.images, "texts": self.texts, "skipped": dict(self.skipped)}
+
+
+def held_out_only(pair_set: PairSet, fraction: float, seed: int = 0) -> PairSet:
+    """The pairs the trainer holds out with the same `fraction` and `seed`."""
+    kept = [p for p in pair_set.pairs if is_held_out(split_key(p.image, pair_set.root), fraction, seed)]
+    return PairSet(kept, pair_set.root, Counter(pair_set.skipped))
+
+
+def evaluate(
+    encoder: DualEncoder, pair_set: PairSet, ks: tuple[int, ...] = DEFAULT_KS, progress: bool = True
+) -> EvalReport:
+    """Embed every image and caption of `pair_set` and score retrieval; bad images are skipped."""
+    skipped: Counter[str] = Counter(pair_set.skipped)
+    image_ids: dict[Any, int] = {}
+    images = []
+    texts: list[str] = []
+    owners: list[int] = []
+    bad: dict[Any, str] = {}
+    unique = list(dict.fromkeys(p.image for p in pair_set.pairs))
+    for path in tqdm(unique, desc="decode", disable=not progress):
+        try:
+            images.append(load_image(path))
+            image_ids[path] = len(image_ids)
+        except ImageRejected as exc:
+            bad[path] = exc.reason
+    for pair in pair_set.pairs:
+        if pair.image in bad:
+            skipped["bad_image:" + bad[pair.image]] += 1
+            continue
+        texts.append(pair.caption)
+        owners.append(image_ids[pair.image])
+    if not texts:
+        raise ValueError("nothing to evaluate: no usable pairs")
+    image_features = encoder.encode_images(images)
+    text_features = encoder.encode_texts(texts)
+    recall = retrieval_recall(image_features, text_features, np.asarray(owners), ks)
+    return EvalReport(recall, len(images), len(texts), skipped)

@@ -1,0 +1,146 @@
+"""Safe image decoding: bytes or a path in, one normalised RGB PIL image out, or an `ImageRejected`.
+
+The indexer, the trainer and the server all decode images through `load_image`, so an image gets
+the same pixels (and so the same embedding) wherever it enters the system.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Only raster formats with pure-Python/libimaging decoders. EPS/PDF/PSD/SVG pull in other decoders
+# or subprocesses and are refused by never being offered to Pillow.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+DEFAULT_MAX_PIXELS = 40_000_000  # about 6300x6300; well past any photo we embed at 224 px
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, never black
+
+
+class ImageRejected(ValueError):
+    """An input that is not a usable image. `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds checked before any pixel is decoded."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def _open(fp: BinaryIO, limits: ImageLimits) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow only *warns* between 1x and 2x MAX_IMAGE_PIXELS; we treat that as a bomb too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fp, formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_large", f"image has too many pixels: {exc}") from None
+    except Image.DecompressionBombWarning as exc:
+        raise ImageRejected("too_large", f"image has too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            "unsupported_format", f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageRejected("invalid_image", f"cannot read image header: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageRejected("invalid_image", "image has zero width or height")
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            "too_large", f"image is {width}x{height} pixels, over the limit of {limits.max_pixels:,}"
+        )
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode to RGB: alpha composited on white, 16-bit scaled rather than clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: convert("L") would clip everything above 255 to white.
+        extrema: Any = image.getextrema()  # (min, max) for single-band images
+        lo, hi = int(extrema[0]), int(extrema[1])
+        scale = 255.0 / max(1, hi - lo)
+        image = image.point(lambda v: (v - lo) * scale).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGB", image.size, BACKGROUND)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # L, 1, CMYK, YCbCr, F ...
+    return image
+
+
+def decode_image(data: bytes | BinaryIO, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode bytes (or a binary file object) to an RGB image.
+
+    EXIF orientation is applied, animated images give their first frame, and transparency is
+    composited onto white. Raises `ImageRejected` with reason `empty`, `too_large`,
+    `unsupported_format`, `invalid_image` or `truncated`; never any other exception for bad input.
+    """
+    if isinstance(data, bytes | bytearray):
+        if len(data) == 0:
+            raise ImageRejected("empty", "file is empty (0 bytes)")
+        if len(data) > limits.max_bytes:
+            raise ImageRejected("too_large", f"file is {len(data):,} bytes, over {limits.max_bytes:,}")
+        fp: BinaryIO = io.BytesIO(data)
+    else:
+        fp = data
+    image = _open(fp, limits)
+    try:
+        image.seek(0)  # first frame of an animation
+        if image.format == "JPEG":
+            # Decode huge JPEGs at reduced scale: we never need more than a few hundred pixels.
+            image.draft("RGB", (1024, 1024))
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_large", str(exc)) from None
+    except (OSError, SyntaxError) as exc:
+        text = str(exc)
+        reason = "truncated" if "truncated" in text or "broken data stream" in text else "invalid_image"
+        raise ImageRejected(reason, f"cannot decode image: {text}") from None
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, MemoryError) as exc:
+        # Malformed metadata (PNG text chunks, EXIF) surfaces as these in Pillow.
+        raise ImageRejected("invalid_image", f"cannot decode image: {exc}") from None
+
+
+def load_image(path: str | os.PathLike[str], limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Read and decode an image file; see `decode_image`. Unreadable files raise `ImageRejected`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise ImageRejected("empty", "file is empty (0 bytes)")
+        if size > limits.max_bytes:
+            raise ImageRejected("too_large", f"file is {size:,} bytes, over {limits.max_bytes:,}")
+        with path.open("rb") as fp:
+            return decode_image(fp, limits)
+    except ImageRejected:
+        raise
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}") from None
+
+
+# Truncated files are errors, never silently half-grey images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,52 @@
+"""Contrastive losses: symmetric InfoNCE (CLIP) and the caption-bank loss for locked text towers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# CLIP clamps the learned temperature so logits never exceed 100x the cosine similarity.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def clip_loss(
+    image_features: torch.Tensor,  # (B, D), unit norm
+    text_features: torch.Tensor,  # (B, D), unit norm; row i pairs with image row i
+    logit_scale: torch.Tensor,  # scalar, log of the inverse temperature
+    label_smoothing: float = 0.0,
+    caption_ids: torch.Tensor | None = None,  # (B,) equal ids mean equal caption text
+) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies over the batch's similarity matrix.
+
+    With `caption_ids`, rows that share a caption ("a bird") are all positives of one another
+    (uniform soft targets) instead of one being the other's negative.
+    """
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * image_features @ text_features.T  # (B, B)
+    if caption_ids is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+    else:
+        same = (caption_ids[:, None] == caption_ids[None, :]).float().to(logits.device)  # symmetric
+        targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (
+        F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.T, targets, label_smoothing=label_smoothing)
+    )
+
+
+def caption_bank_loss(
+    image_features: torch.Tensor,  # (B, D), unit norm
+    bank: torch.Tensor,  # (N, D), unit norm: every distinct training caption, precomputed
+    targets: torch.Tensor,  # (B, N), rows sum to 1: the captions that belong to each image
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Image->text cross-entropy against the whole caption bank with soft multi-caption targets.
+
+    With a frozen text tower every caption's embedding is fixed, so each image can be contrasted
+    with all N captions instead of the B in its batch: many more negatives for one extra matmul.
+    """
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * image_features @ bank.T  # (B, N)
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()

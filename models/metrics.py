@@ -1,0 +1,49 @@
+"""Retrieval metrics: Recall@K in both directions for images that may each have several captions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best columns per row, best first (ties broken by lower index)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def retrieval_recall(
+    image_features: np.ndarray,  # (I, D), unit norm
+    text_features: np.ndarray,  # (T, D), unit norm
+    text_to_image: np.ndarray,  # (T,) index of each text's image
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Recall@K text->image (a caption finds its image) and image->text (an image finds any of
+    its captions), computed in row chunks so memory stays O(chunk x max(I, T))."""
+    kmax = max(ks)
+    results: dict[str, float] = {}
+    hits_t2i = np.zeros(len(ks))
+    for start in range(0, len(text_features), chunk):
+        scores = text_features[start : start + chunk] @ image_features.T
+        top = _topk(scores, kmax)
+        truth = text_to_image[start : start + chunk, None]
+        for j, k in enumerate(ks):
+            hits_t2i[j] += (top[:, :k] == truth).any(axis=1).sum()
+    hits_i2t = np.zeros(len(ks))
+    for start in range(0, len(image_features), chunk):
+        scores = image_features[start : start + chunk] @ text_features.T
+        top = _topk(scores, kmax)
+        owner = text_to_image[top]  # (chunk, kmax) image of each retrieved text
+        mine = np.arange(start, start + len(scores))[:, None]
+        for j, k in enumerate(ks):
+            hits_i2t[j] += (owner[:, :k] == mine).any(axis=1).sum()
+    for j, k in enumerate(ks):
+        results[f"text_to_image_R@{k}"] = float(hits_t2i[j] / max(1, len(text_features)))
+        results[f"image_to_text_R@{k}"] = float(hits_i2t[j] / max(1, len(image_features)))
+    return results

@@ -1,0 +1,542 @@
+"""Contrastive training of a dual encoder on image-caption pairs, resumable after `kill -9`.
+
+Symmetric InfoNCE with CLIP's clamped learnable temperature, AdamW with warmup + cosine decay,
+AMP on CUDA, gradient clipping, optional LiT-style locked towers, Recall@K on a held-out split
+after every epoch, metrics as JSON, and atomic checkpoints every N steps. A locked text tower is
+embedded once up front (the caption bank) instead of at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from tqdm import tqdm
+
+from models import checkpoint
+from models.config import AugmentConfig, TrainConfig
+from models.data import Pair, PairSet, split_pairs
+from models.encoder import LoadedModel, resolve_device
+from models.images import ImageRejected, load_image
+from models.loss import caption_bank_loss, clip_loss
+from models.metrics import retrieval_recall
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Examples:
+    """Pairs as indices into unique images and unique captions."""
+
+    images: list[Path]
+    captions: list[str]
+    pairs: list[tuple[int, int]]  # (image index, caption index)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[Pair]) -> Examples:
+        image_ids: dict[Path, int] = {}
+        caption_ids: dict[str, int] = {}
+        rows = [
+            (image_ids.setdefault(p.image, len(image_ids)), caption_ids.setdefault(p.caption, len(caption_ids)))
+            for p in pairs
+        ]
+        return cls(list(image_ids), list(caption_ids), rows)
+
+    @functools.cached_property
+    def captions_of(self) -> list[list[int]]:
+        """For each image, the indices of its captions."""
+        owned: list[list[int]] = [[] for _ in self.images]
+        for image_id, caption_id in self.pairs:
+            owned[image_id].append(caption_id)
+        return owned
+
+
+def _small_copy(image: Image.Image, max_side: int) -> Image.Image:
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+def scan_images(
+    paths: Sequence[Path], keep_side: int | None, progress: bool, workers: int = 4
+) -> tuple[list[Image.Image | None], dict[Path, str]]:
+    """Decode every image once: (small copies or None when not kept, {rejected path: reason})."""
+
+    def one(path: Path) -> Image.Image | str | None:
+        try:
+            image = load_image(path)
+        except ImageRejected as exc:
+            return f"{exc.reason}: {exc.message}"
+        return _small_copy(image, keep_side) if keep_side else None
+
+    kept: list[Image.Image | None] = []
+    rejected: dict[Path, str] = {}
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(one, paths)
+        for path, result in tqdm(
+            zip(paths, results, strict=True), total=len(paths), desc="decode", disable=not progress
+        ):
+            if isinstance(result, str):
+                rejected[path] = result
+                kept.append(None)
+            else:
+                kept.append(result)
+    return kept, rejected
+
+
+class PadToSquare:
+    """Pad to a square with a fixed colour, matching open_clip's `resize_mode="longest"`."""
+
+    def __init__(self, fill: int) -> None:
+        self.fill = fill
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        side = max(image.size)
+        return ImageOps.pad(image, (side, side), color=(self.fill,) * 3)
+
+
+def train_transform(preprocess_config: dict[str, Any], augment: AugmentConfig) -> transforms.Compose:
+    size = preprocess_config.get("size", 224)
+    size = size if isinstance(size, int) else size[0]
+    steps: list[Any] = []
+    if preprocess_config.get("resize_mode") == "longest":
+        steps.append(PadToSquare(int(preprocess_config.get("fill_color", 0))))
+    steps.append(
+        transforms.RandomResizedCrop(
+            size, scale=augment.scale, ratio=augment.ratio, interpolation=transforms.InterpolationMode.BICUBIC
+        )
+    )
+    if augment.hflip:
+        steps.append(transforms.RandomHorizontalFlip(augment.hflip))
+    if augment.color_jitter:
+        j = augment.color_jitter
+        steps.append(transforms.ColorJitter(j, j, j, min(0.5, j / 4)))
+    if augment.grayscale:
+        steps.append(transforms.RandomGrayscale(augment.grayscale))
+    steps += [
+        transforms.ToTensor(),
+        transforms.Normalize(preprocess_config["mean"], preprocess_config["std"]),
+    ]
+    return transforms.Compose(steps)
+
+
+class PairDataset(Dataset[tuple[torch.Tensor, int, int]]):
+    def __init__(
+        self, examples: Examples, cache: list[Image.Image | None], transform: transforms.Compose
+    ) -> None:
+        self.examples = examples
+        self.cache = cache
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.examples.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image_id, caption_id = self.examples.pairs[index]
+        image = self.cache[image_id] if self.cache else None
+        if image is None:
+            image = load_image(self.examples.images[image_id])
+        return self.transform(image), image_id, caption_id
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way through (after a resume)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return iter(order[self.skip :])
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+
+def _text_parameter_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
+
+
+def lock_towers(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> None:
+    """Freeze whole towers (LiT). Locked towers also stay in eval mode (dropout, batch-norm stats)."""
+    text_names = set(_text_parameter_names(model))
+    for name, param in model.named_parameters():
+        if (lock_text and name in text_names) or (lock_image and name.startswith("visual.")):
+            param.requires_grad_(False)
+
+
+def set_train_mode(model: Any, lock_text: bool, lock_image: bool) -> None:
+    model.train()
+    if lock_image:
+        model.visual.eval()
+    if lock_text:
+        for name, module in model.named_children():
+            if name not in ("visual",):
+                module.eval()
+
+
+def create_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; gains, biases, norms and the temperature are exempt from weight decay (as in CLIP)."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "logit_scale" in name or "norm" in name or name.endswith(".bias")
+        (no_decay if exempt else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def warmup_cosine(warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
+    if device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+@torch.no_grad()  # not inference_mode: the caption bank takes part in the (image-side) backward pass
+def embed_captions(model: Any, tokenizer: Any, captions: Sequence[str], device: torch.device,
+                   batch_size: int = 256) -> torch.Tensor:
+    """(N, D) unit-norm text features of `captions`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(captions), batch_size):
+        tokens = tokenizer(list(captions[start : start + batch_size])).to(device)
+        parts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    model.train(was_training)
+    if not parts:
+        return torch.empty(0, 0, device=device)
+    return torch.cat(parts)
+
+
+@torch.inference_mode()
+def evaluate_pairs(
+    model: Any,
+    tokenizer: Any,
+    preprocess: Any,
+    examples: Examples,
+    cache: Sequence[Image.Image | None],
+    device: torch.device,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways over `examples` (images taken from `cache` when present)."""
+    was_training = model.training
+    model.eval()
+    features = []
+    for start in range(0, len(examples.images), batch_size):
+        batch = []
+        for i in range(start, min(start + batch_size, len(examples.images))):
+            image = cache[i] if cache and cache[i] is not None else load_image(examples.images[i])
+            batch.append(preprocess(image))
+        features.append(F.normalize(model.encode_image(torch.stack(batch).to(device)).float(), dim=-1))
+    model.train(was_training)
+    image_features = torch.cat(features).cpu().numpy()
+    text_features = embed_captions(model, tokenizer, examples.captions, device).cpu().numpy()
+    caption_ids = np.array([c for _, c in examples.pairs], dtype=np.int64)
+    owners = np.array([i for i, _ in examples.pairs], dtype=np.int64)
+    return retrieval_recall(image_features, text_features[caption_ids], owners)
+
+
+def soft_targets(examples: Examples, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, N) targets over the caption bank: uniform over each image's own captions."""
+    targets = torch.zeros(len(image_ids), len(examples.captions), device=device)
+    for row, image_id in enumerate(image_ids.tolist()):
+        captions = examples.captions_of[image_id]
+        targets[row, captions] = 1.0 / len(captions)
+    return targets
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    metrics: list[dict[str, Any]]
+    skipped: Counter[str]
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint must restore besides weights and optimizer state."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+def _drop_rejected(
+    pair_set: PairSet, config: TrainConfig, keep_side: int | None
+) -> tuple[list[Pair], dict[Path, Image.Image | None], Counter[str], list[dict[str, str]]]:
+    """Decode each image once; drop pairs whose image is unusable, counting them by reason."""
+    unique = list(dict.fromkeys(p.image for p in pair_set.pairs))
+    copies, rejected = scan_images(unique, keep_side, config.progress)
+    cache = dict(zip(unique, copies, strict=True))
+    skipped: Counter[str] = Counter(pair_set.skipped)
+    kept: list[Pair] = []
+    for pair in pair_set.pairs:
+        if pair.image in rejected:
+            skipped["bad_image:" + rejected[pair.image].split(":", 1)[0]] += 1
+        else:
+            kept.append(pair)
+    rejects = [{"image": str(path), "reason": reason} for path, reason in rejected.items()]
+    return kept, cache, skipped, rejects
+
+
+class Trainer:
+    """One training run: owns the model, the data, the optimizer and the run directory."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        tokenizer: Any,
+        pair_set: PairSet,
+        config: TrainConfig,
+        preprocess_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model: Any = loaded.model.to(self.device)
+        self.preprocess_config = {**loaded.preprocess_config, **(preprocess_overrides or {})}
+        self.eval_preprocess = image_transform_v2(PreprocessCfg(**self.preprocess_config), is_train=False)
+        size = self.preprocess_config.get("size", 224)
+        keep_side = 2 * (size if isinstance(size, int) else max(size)) if config.cache_images else None
+        pairs, cache, self.skipped, rejects = _drop_rejected(pair_set, config, keep_side)
+        if not pairs:
+            raise ValueError(f"no usable image-caption pairs (skipped: {dict(self.skipped)})")
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(config.output_dir / "rejects.json", rejects)
+        train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction, config.seed)
+        self.train_examples = Examples.from_pairs(train_pairs)
+        self.held_examples = Examples.from_pairs(held_pairs)
+        self.train_cache = [cache[p] for p in self.train_examples.images]
+        self.held_cache = [cache[p] for p in self.held_examples.images]
+        lock_towers(self.model, config.lock_text, config.lock_image)
+        text_names = set(_text_parameter_names(self.model))
+        self.text_frozen = not any(p.requires_grad for n, p in self.model.named_parameters() if n in text_names)
+        self.dataset = PairDataset(
+            self.train_examples, self.train_cache, train_transform(self.preprocess_config, config.augment)
+        )
+        self.batch_size = min(config.batch_size, len(self.dataset))
+        self.steps_per_epoch = len(self.dataset) // self.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.optimizer = create_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(config.warmup_steps, self.total_steps)
+        )
+        self.amp_dtype, self.scaler = _amp(self.device)
+        self.metrics: list[dict[str, Any]] = []
+        self.progress = _Progress()
+        self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "progress": asdict(self.progress),
+            "metrics": self.metrics,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save_train_state(
+            self.config.output_dir, self.progress.step, self._state(), self.config.keep_checkpoints
+        )
+
+    def try_resume(self) -> bool:
+        path = checkpoint.latest_train_state(self.config.output_dir)
+        if path is None:
+            return False
+        state = checkpoint.load_train_state(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = _Progress(**state["progress"])
+        self.metrics = state["metrics"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        logger.info("resumed from %s (step %d, epoch %d)", path.name, self.progress.step, self.progress.epoch)
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loss(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(self.model.encode_image(images).float(), dim=-1)  # (B, D)
+        if self.bank is not None:
+            text_features = self.bank[caption_ids.to(self.device)]
+        else:
+            captions = [self.train_examples.captions[i] for i in caption_ids.tolist()]
+            tokens = self.tokenizer(captions).to(self.device)
+            text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        logit_scale = self.model.logit_scale
+        loss = clip_loss(image_features, text_features, logit_scale, self.config.label_smoothing, caption_ids)
+        if self.bank is not None and self.config.caption_bank_loss:
+            targets = soft_targets(self.train_examples, image_ids, self.device)
+            loss = 0.5 * (loss + caption_bank_loss(image_features, self.bank, targets, logit_scale))
+        return loss
+
+    def _step(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> float:
+        images = images.to(self.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with autocast:
+            loss = self._loss(images, image_ids, caption_ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.held_examples.pairs:
+            return {}
+        return evaluate_pairs(
+            self.model, self.tokenizer, self.eval_preprocess, self.held_examples, self.held_cache, self.device
+        )
+
+    def _end_epoch(self, started: float) -> None:
+        p = self.progress
+        record: dict[str, Any] = {
+            "epoch": p.epoch + 1,
+            "step": p.step,
+            "train_loss": p.loss_sum / max(1, p.loss_count),
+            "lr": self.scheduler.get_last_lr()[0],
+            "logit_scale": float(self.model.logit_scale.detach().exp()),
+            "seconds": round(time.time() - started, 1),
+            **self.evaluate(),
+        }
+        self.metrics.append(record)
+        logger.info("epoch %d: %s", p.epoch + 1, {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        p.loss_sum, p.loss_count = 0.0, 0
+
+    def _write_metrics(self) -> None:
+        checkpoint.write_json(
+            self.config.output_dir / "metrics.json",
+            {
+                "epochs": self.metrics,
+                "train_pairs": len(self.train_examples.pairs),
+                "held_out_pairs": len(self.held_examples.pairs),
+                "skipped": dict(self.skipped),
+                "config": json.loads(json.dumps(asdict(self.config), default=str)),
+            },
+        )
+
+    def _seed(self) -> None:
+        seed = self.config.seed
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+
+    def run(self) -> TrainResult:
+        if not self.try_resume():
+            self._seed()  # a fresh run; a resumed one restored the RNG states of its checkpoint
+        self.bank = (
+            embed_captions(self.model, self.tokenizer, self.train_examples.captions, self.device)
+            if self.text_frozen
+            else None
+        )
+        sampler = ResumableSampler(len(self.dataset), self.config.seed)
+        p = self.progress
+        while p.epoch < self.config.epochs and p.step < self.total_steps:
+            started = time.time()
+            sampler.epoch, sampler.skip = p.epoch, p.batch_in_epoch * self.batch_size
+            set_train_mode(self.model, self.config.lock_text, self.config.lock_image)
+            # The loader draws its worker base seed from its own generator, not the global RNG, so a
+            # run resumed mid-epoch sees the same augmentation randomness as an uninterrupted one.
+            loader = DataLoader(
+                self.dataset, self.batch_size, sampler=sampler, drop_last=True,
+                num_workers=self.config.num_workers,
+                generator=torch.Generator().manual_seed(self.config.seed * 7919 + p.epoch),
+            )
+            bar = tqdm(
+                loader, total=self.steps_per_epoch, initial=p.batch_in_epoch,
+                desc=f"epoch {p.epoch + 1}/{self.config.epochs}", disable=not self.config.progress,
+            )
+            for images, image_ids, caption_ids in bar:
+                loss = self._step(images, image_ids, caption_ids)
+                p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
+                p.loss_sum, p.loss_count = p.loss_sum + loss, p.loss_count + 1
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if p.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if p.step >= self.total_steps:
+                    break
+            if p.batch_in_epoch >= self.steps_per_epoch or p.step >= self.total_steps:
+                self._end_epoch(started)
+                self._write_metrics()
+                self.save_checkpoint()
+        return TrainResult(self.save_model(), p.step, self.metrics, self.skipped)
+
+    def save_model(self) -> Path:
+        meta = {
+            "architecture": self.loaded.architecture,
+            "text_hub_id": self.loaded.text_hub_id,
+            "trained_steps": self.progress.step,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return checkpoint.save_model_dir(
+            self.config.output_dir / "model",
+            self.model,
+            self.loaded.model_config,
+            self.preprocess_config,
+            meta,
+        )

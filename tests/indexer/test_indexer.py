@@ -1,0 +1,219 @@
+"""The indexer end to end: accounting, duplicates, incremental runs, resume after kill -9,
+integrity and model checks (RELIABILITY.md rows "index")."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.artifacts import InvalidIndex, load_index
+from indexer.reader import open_source
+from indexer.runner import IndexConfig, run_index
+from models import FingerprintMismatch, load_encoder
+
+from .conftest import make_messy_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir: Path):
+    return load_encoder(tiny_model_dir, device="cpu")
+
+
+def _index(data: Path, out: Path, encoder, **options):
+    config = IndexConfig(out_dir=out, batch_size=16, workers=2, shard_size=options.pop("shard_size", 64),
+                         progress=False, **options)
+    return run_index(open_source(data), encoder, config)
+
+
+def test_thousand_images_with_thirty_bad(tmp_path: Path, encoder) -> None:
+    """Issue 3 acceptance: 1,000 good + 30 bad -> 30 rejects with reasons, the rest indexed;
+    a second run embeds nothing new."""
+    bad = make_messy_folder(tmp_path / "data", good=1000, bad=30)
+    summary = _index(tmp_path / "data", tmp_path / "index", encoder, shard_size=256)
+    assert summary.balanced and summary.inputs == 1030
+    assert summary.rejected_total == 30 and summary.indexed + summary.duplicates == 1000
+    index = load_index(tmp_path / "index")
+    rejects = [json.loads(line) for line in (index.directory / "rejects.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in rejects} == set(bad)
+    for row in rejects:
+        want = bad[row["source"]]
+        assert row["reason"] == want or (want == "truncated" and row["reason"] == "invalid_image"), row
+        assert row["message"]
+    sources = {m["source"] for m in index.metadata} | {d for m in index.metadata for d in m["duplicates"]}
+    assert len(sources) == 1000
+    assert index.manifest["counts"]["rejected"] == 30
+
+    again = _index(tmp_path / "data", tmp_path / "index", encoder, shard_size=256)
+    assert again.embedded == 0 and again.reused == summary.indexed and again.unchanged
+    assert load_index(tmp_path / "index").version == index.version
+
+
+def test_identical_files_embedded_once_keep_all_paths(tmp_path: Path, encoder) -> None:
+    make_messy_folder(tmp_path / "data", good=8, bad=0)
+    original = next((tmp_path / "data").rglob("img00001.jpg"))
+    shutil.copy(original, tmp_path / "data" / "copy_a.jpg")
+    shutil.copy(original, tmp_path / "data" / "copy_b.jpg")
+    summary = _index(tmp_path / "data", tmp_path / "index", encoder)
+    assert (summary.inputs, summary.indexed, summary.duplicates) == (10, 8, 2)
+    index = load_index(tmp_path / "index")
+    owner = next(m for m in index.metadata if m["duplicates"])
+    assert sorted([owner["source"], *owner["duplicates"]]) == sorted(
+        ["copy_a.jpg", "copy_b.jpg", original.relative_to(tmp_path / "data").as_posix()])
+
+
+def test_metadata_and_embeddings(tmp_path: Path, encoder) -> None:
+    make_messy_folder(tmp_path / "data", good=12, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    index = load_index(tmp_path / "index", expected=encoder.fingerprint)
+    assert index.embeddings.shape == (12, encoder.dim) and index.embeddings.dtype == np.float32
+    from models import load_image
+
+    for row, meta in enumerate(index.metadata):
+        assert meta["id"] == row and not Path(meta["source"]).is_absolute()
+        image = load_image(tmp_path / "data" / meta["source"])
+        assert (meta["width"], meta["height"]) == image.size
+        np.testing.assert_allclose(index.embeddings[row], encoder.encode_images([image])[0], atol=1e-5)
+    captioned = [m for m in index.metadata if m["caption"]]
+    assert captioned and all(m["caption"].startswith("a ") for m in captioned)
+    # the text side: one entry per distinct caption, pointing at its items
+    for text in index.texts:
+        assert all(index.metadata[i]["caption"] == text["text"] for i in text["ids"])
+    manifest = index.manifest
+    assert manifest["dim"] == encoder.dim and manifest["metric"] == "inner_product"
+    assert manifest["index"]["image"]["factory"] == "Flat"
+
+
+def test_incremental_add_change_delete(tmp_path: Path, encoder) -> None:
+    make_messy_folder(tmp_path / "data", good=16, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    first = load_index(tmp_path / "index")
+    files = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")
+    files[0].unlink()  # delete
+    from PIL import Image
+
+    Image.new("RGB", (30, 30), (5, 5, 5)).save(files[1])  # change (same name, other content)
+    Image.new("RGB", (30, 30), (250, 5, 5)).save(tmp_path / "data" / "new.png")  # add
+    summary = _index(tmp_path / "data", tmp_path / "index", encoder)
+    assert (summary.embedded, summary.reused, summary.indexed) == (2, 14, 16)
+    second = load_index(tmp_path / "index")
+    assert second.version != first.version
+    sources = {m["source"] for m in second.metadata}
+    assert files[0].relative_to(tmp_path / "data").as_posix() not in sources and "new.png" in sources
+    changed = next(m for m in second.metadata if m["source"] == files[1].relative_to(tmp_path / "data").as_posix())
+    old = next(m for m in first.metadata if m["source"] == changed["source"])
+    assert changed["sha256"] != old["sha256"]
+    # reused vectors are the old ones, bit for bit
+    for row, meta in enumerate(second.metadata):
+        match = next((r for r, m in enumerate(first.metadata) if m["sha256"] == meta["sha256"]), None)
+        if match is not None:
+            np.testing.assert_array_equal(second.embeddings[row], first.embeddings[match])
+
+
+def _index_command(data: Path, out: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "app.cli", "index", str(data), "--out", str(out), "--model", str(model),
+            "--batch-size", "8", "--workers", "1", "--shard-size", "16", "--quiet", "--device", "cpu"]
+
+
+def test_resume_after_kill_gives_same_index(tmp_path: Path, tiny_model_dir: Path) -> None:
+    make_messy_folder(tmp_path / "data", good=300, bad=6)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(_index_command(tmp_path / "data", tmp_path / "reference", tiny_model_dir), env=env,
+                   check=True, capture_output=True)
+    process = subprocess.Popen(_index_command(tmp_path / "data", tmp_path / "killed", tiny_model_dir), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / "killed" / "work"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("shard_*.jsonl"))) < 3:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "current").exists(), "the run finished before the kill"
+    resumed = subprocess.run(_index_command(tmp_path / "data", tmp_path / "killed", tiny_model_dir), env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: " in resumed.stderr
+    want, got = load_index(tmp_path / "reference"), load_index(tmp_path / "killed")
+    assert got.metadata == want.metadata and got.texts == want.texts
+    np.testing.assert_array_equal(got.embeddings, want.embeddings)
+    assert got.manifest["counts"]["rejected"] == want.manifest["counts"]["rejected"] == 6
+
+
+def test_index_refused_by_another_model(tmp_path: Path, encoder) -> None:
+    make_messy_folder(tmp_path / "data", good=4, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    import torch
+
+    torch.manual_seed(99)
+    other = load_encoder("clipsearch-tiny", device="cpu")  # same architecture and dim
+    with pytest.raises(FingerprintMismatch):
+        load_index(tmp_path / "index", expected=other.fingerprint)
+
+
+def test_corrupt_or_incomplete_index_refused(tmp_path: Path, encoder) -> None:
+    make_messy_folder(tmp_path / "data", good=4, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    version = load_index(tmp_path / "index").directory
+    broken = tmp_path / "broken"
+    shutil.copytree(version, broken)
+    data = bytearray((broken / "embeddings.npy").read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in a vector
+    (broken / "embeddings.npy").write_bytes(bytes(data))
+    with pytest.raises(InvalidIndex, match="embeddings.npy"):
+        load_index(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(version, broken)
+    (broken / "metadata.jsonl").unlink()
+    with pytest.raises(InvalidIndex, match="metadata.jsonl"):
+        load_index(broken)
+    with pytest.raises(InvalidIndex):
+        load_index(tmp_path / "nothing-here")
+
+
+def test_manifest_and_labels_inputs(tmp_path: Path, encoder) -> None:
+    make_messy_folder(tmp_path / "data", good=4, bad=0)
+    images = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")
+    rows = [{"path": f"data/{p.relative_to(tmp_path / 'data').as_posix()}", "caption": f"picture {i}",
+             "license": "cc0", "score": i} for i, p in enumerate(images)]
+    rows.append({"path": "", "caption": "no file"})
+    rows.append({"path": "data/missing.png", "caption": "gone"})
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    summary = _index(tmp_path / "items.jsonl", tmp_path / "index", encoder)
+    assert summary.balanced and summary.inputs == 7 and summary.indexed == 4
+    assert summary.rejected == {"missing_image_path": 1, "unreadable": 1, "invalid_row": 1}
+    index = load_index(tmp_path / "index")
+    assert index.metadata[0]["extra"] == {"license": "cc0", "score": 0}
+    assert index.metadata[0]["source"].startswith("data/")
+
+    (tmp_path / "labels.txt").write_text("a dog\na cat\n\na dog\na red circle\n")
+    summary = _index(tmp_path / "labels.txt", tmp_path / "labels", encoder)
+    assert summary.texts_only == 3 and summary.indexed == 0 and summary.balanced
+    labels = load_index(tmp_path / "labels")
+    assert [t["text"] for t in labels.texts] == ["a dog", "a cat", "a red circle"]
+    assert labels.image_index.ntotal == 0
+
+
+def test_parquet_manifest(tmp_path: Path, encoder) -> None:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    make_messy_folder(tmp_path / "data", good=3, bad=0)
+    images = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "data").rglob("img*")
+                    if p.suffix != ".txt")
+    table = pyarrow.table({"image": images, "text": ["x", "y", "z"], "year": [2001, 2002, 2003]})
+    pq.write_table(table, tmp_path / "items.parquet")
+    summary = _index(tmp_path / "items.parquet", tmp_path / "index", encoder)
+    assert summary.indexed == 3
+    index = load_index(tmp_path / "index")
+    assert [m["caption"] for m in index.metadata] == ["x", "y", "z"]
+    assert index.metadata[2]["extra"] == {"year": 2003}

@@ -1,0 +1,48 @@
+"""The `clipsearch` command: subcommands, the eval report, and clear errors (no tracebacks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import main
+from models.checkpoint import save_model_dir
+from models.encoder import create_model
+
+from ..conftest import TINY
+
+
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "model", "demo"):
+        assert command in out
+
+
+def test_eval_reports_recall(shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    loaded = create_model(TINY)
+    model_dir = save_model_dir(tmp_path / "model", loaded.model, loaded.model_config,
+                               loaded.preprocess_config, {"architecture": TINY})
+    code = main(["eval", str(shapes_folder), "--model", str(model_dir), "--quiet",
+                 "--json", str(tmp_path / "report.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["images"] == 192 and report["texts"] == 192
+    assert set(report["recall"]) == {f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)}
+    held = main(["eval", str(shapes_folder), "--model", str(model_dir), "--quiet", "--held-out", "0.25",
+                 "--json", str(tmp_path / "held.json")])
+    assert held == 0
+    assert 0 < json.loads((tmp_path / "held.json").read_text())["images"] < 192
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    code = main(["eval", str(tmp_path / "nowhere.jsonl"), "--model", TINY, "--quiet"])
+    assert code == 2
+    assert "no such file or folder" in caplog.text

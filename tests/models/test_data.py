@@ -1,0 +1,94 @@
+"""Pair readers: every input row is either a pair or a counted skip, never an exception."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.data import read_pairs, split_pairs
+
+
+def test_captioned_folder(shapes_folder: Path) -> None:
+    pairs = read_pairs(shapes_folder)
+    assert len(pairs.pairs) == 8 * 24
+    assert {p.caption for p in pairs.pairs} == {f"a {c} {s}" for c in ("red", "green", "blue", "yellow")
+                                               for s in ("circle", "square")}
+    assert all(p.image.is_absolute() for p in pairs.pairs)
+
+
+def test_folder_counts_images_without_captions(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "b.txt").write_text("   \n")
+    (tmp_path / "c.jpg").write_bytes(b"x")
+    (tmp_path / "c.txt").write_text("a cat\n")
+    pairs = read_pairs(tmp_path)
+    assert [p.caption for p in pairs.pairs] == ["a cat"]
+    assert pairs.skipped == {"missing_caption": 1, "empty_caption": 1}
+    assert pairs.rows == 3
+
+
+def test_jsonl_manifest_bad_rows_counted(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"image": "x/1.png", "caption": "one", "license": "cc0"}),
+        json.dumps({"image": "", "caption": "no image"}),
+        json.dumps({"image": "3.png", "caption": "  "}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        "",
+        json.dumps({"image": "4.png", "caption": "multi\nline"}),
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    pairs = read_pairs(tmp_path / "m.jsonl")
+    assert [p.caption for p in pairs.pairs] == ["one", "multi"]
+    assert pairs.pairs[0].image == (tmp_path / "x/1.png").resolve()
+    assert pairs.pairs[0].extra == {"license": "cc0"}
+    assert pairs.skipped == {"missing_image_path": 1, "empty_caption": 1, "invalid_row": 2}
+    assert pairs.rows == 6  # the blank line is not a row
+
+
+def test_csv_manifest_with_explicit_columns(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("file_name,alt,score\na.png,a dog,0.5\nb.png,,0.1\n")
+    with pytest.raises(ValueError, match="no image column"):
+        read_pairs(tmp_path / "m.csv")
+    pairs = read_pairs(tmp_path / "m.csv", image_column="file_name", caption_column="alt")
+    assert [(p.image.name, p.caption, p.extra) for p in pairs.pairs] == [("a.png", "a dog", {"score": "0.5"})]
+    assert pairs.skipped == {"empty_caption": 1}
+    with pytest.raises(ValueError, match="no caption column"):
+        read_pairs(tmp_path / "m.csv", image_column="file_name", caption_column="nope")
+
+
+def test_karpathy_json(tmp_path: Path) -> None:
+    data = {"images": [
+        {"filename": "1.jpg", "filepath": "", "split": "test",
+         "sentences": [{"raw": "A dog runs."}, {"raw": ""}, {"tokens": ["a", "brown", "dog"]}]},
+        {"filename": "2.jpg", "split": "train", "sentences": [{"raw": "A cat."}]},
+    ]}
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="images-root"):
+        read_pairs(tmp_path / "dataset_flickr30k.json")
+    test = read_pairs(tmp_path / "dataset_flickr30k.json", images_root=tmp_path / "imgs")
+    assert [p.caption for p in test.pairs] == ["A dog runs.", "a brown dog"]
+    assert test.pairs[0].image == (tmp_path / "imgs" / "1.jpg").resolve()
+    assert test.skipped == {"empty_caption": 1}
+    everything = read_pairs(tmp_path / "dataset_flickr30k.json", images_root=tmp_path, karpathy_split=None)
+    assert len(everything.pairs) == 3
+
+
+def test_missing_source_and_unknown_type(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_pairs(tmp_path / "nothing.csv")
+    (tmp_path / "m.xml").write_text("<x/>")
+    with pytest.raises(ValueError, match="unsupported manifest"):
+        read_pairs(tmp_path / "m.xml")
+
+
+def test_split_is_by_image_and_deterministic(shapes_folder: Path) -> None:
+    pairs = read_pairs(shapes_folder)
+    train, held = split_pairs(pairs, 0.25)
+    again_train, again_held = split_pairs(pairs, 0.25)
+    assert held == again_held and train == again_train
+    assert not {p.image for p in train} & {p.image for p in held}
+    assert 0.1 < len(held) / len(pairs.pairs) < 0.4

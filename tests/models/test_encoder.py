@@ -1,0 +1,122 @@
+"""The embedding contract, loading from every source, and the model fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from models import FingerprintMismatch, ModelFingerprint, load_encoder, resolve_device
+from models.checkpoint import CONFIG_NAME, FULL_WEIGHTS_NAME, save_model_dir
+from models.encoder import create_model
+
+from ..conftest import TINY
+
+TEXTS = ["a red circle", "a blue square", "", "x" * 2000, "a green circle", "yellow", "a yellow square"]
+
+
+def test_contract_float32_unit_norm(tiny_encoder, sample_images) -> None:
+    images = tiny_encoder.encode_images(sample_images)
+    texts = tiny_encoder.encode_texts(TEXTS)
+    for array, rows in ((images, len(sample_images)), (texts, len(TEXTS))):
+        assert array.dtype == np.float32
+        assert array.shape == (rows, tiny_encoder.dim)
+        np.testing.assert_allclose(np.linalg.norm(array, axis=1), 1.0, atol=1e-5)
+
+
+def test_empty_input_gives_empty_array(tiny_encoder) -> None:
+    assert tiny_encoder.encode_texts([]).shape == (0, tiny_encoder.dim)
+    assert tiny_encoder.encode_images([]).shape == (0, tiny_encoder.dim)
+
+
+def test_batched_equals_one_by_one(tiny_encoder, sample_images) -> None:
+    # tiny_encoder batches 4 images / 3 texts at a time, so these calls cross batch borders
+    batched_images = tiny_encoder.encode_images(sample_images)
+    single_images = np.concatenate([tiny_encoder.encode_images([image]) for image in sample_images])
+    np.testing.assert_allclose(batched_images, single_images, atol=1e-5)
+    batched_texts = tiny_encoder.encode_texts(TEXTS)
+    single_texts = np.concatenate([tiny_encoder.encode_texts([text]) for text in TEXTS])
+    np.testing.assert_allclose(batched_texts, single_texts, atol=1e-5)
+
+
+def test_preprocess_and_tokenizer_exposed(tiny_encoder, sample_images) -> None:
+    pixels = torch.stack([tiny_encoder.preprocess(image) for image in sample_images])
+    assert pixels.shape[1:] == (3, *tiny_encoder.image_size)
+    np.testing.assert_allclose(
+        tiny_encoder.encode_image_tensors(pixels), tiny_encoder.encode_images(sample_images), atol=1e-6
+    )
+    assert tiny_encoder.tokenizer(["hello"]).shape == (1, 16)
+
+
+def _save_dir(encoder, path: Path) -> Path:
+    loaded = create_model(TINY)
+    loaded.model.load_state_dict(encoder.model.state_dict())
+    return save_model_dir(path, loaded.model, loaded.model_config, loaded.preprocess_config,
+                          {"architecture": TINY})
+
+
+def test_model_dir_roundtrip_identical(tiny_encoder, sample_images, tmp_path: Path) -> None:
+    model_dir = _save_dir(tiny_encoder, tmp_path / "model")
+    assert (model_dir / CONFIG_NAME).is_file() and (model_dir / FULL_WEIGHTS_NAME).is_file()
+    # same batch sizes as tiny_encoder: identical arithmetic, so bit-identical output
+    again = load_encoder(model_dir, device="cpu", image_batch_size=4, text_batch_size=3)
+    np.testing.assert_array_equal(again.encode_images(sample_images), tiny_encoder.encode_images(sample_images))
+    np.testing.assert_array_equal(again.encode_texts(TEXTS), tiny_encoder.encode_texts(TEXTS))
+    assert again.fingerprint.weights_sha256 == tiny_encoder.fingerprint.weights_sha256
+
+
+def test_model_dir_loads_with_open_clip_itself(tiny_encoder, sample_images, tmp_path: Path) -> None:
+    model_dir = _save_dir(tiny_encoder, tmp_path / "model")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    model.eval()
+    with torch.inference_mode():
+        pixels = torch.stack([preprocess(image) for image in sample_images])
+        features = model.encode_image(pixels, normalize=True).numpy()
+    np.testing.assert_allclose(features, tiny_encoder.encode_images(sample_images), atol=1e-5)
+
+
+def test_architecture_with_local_checkpoint_file(tiny_encoder, sample_images, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    torch.save({"state_dict": tiny_encoder.model.state_dict()}, checkpoint)
+    again = load_encoder(TINY, pretrained=str(checkpoint), device="cpu")
+    np.testing.assert_allclose(again.encode_images(sample_images), tiny_encoder.encode_images(sample_images),
+                               atol=1e-6)
+    assert again.fingerprint.weights_sha256 == tiny_encoder.fingerprint.weights_sha256
+
+
+def test_unknown_sources_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="unknown architecture"):
+        load_encoder("no-such-architecture", device="cpu")
+    with pytest.raises((FileNotFoundError, RuntimeError)):
+        load_encoder(TINY, pretrained=str(tmp_path / "missing.pt"), device="cpu")
+
+
+def test_fingerprint_identifies_weights(tiny_encoder) -> None:
+    same = tiny_encoder.fingerprint
+    same.ensure_matches(ModelFingerprint.from_dict(same.as_dict()))
+    torch.manual_seed(123)
+    other = load_encoder(TINY, device="cpu")  # same architecture and dim, other weights
+    assert other.fingerprint.dim == same.dim and other.fingerprint.architecture == same.architecture
+    with pytest.raises(FingerprintMismatch, match="made with model"):
+        other.fingerprint.ensure_matches(same, "index")
+
+
+def test_cuda_request_falls_back_to_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the fallback is for machines without it")
+    assert resolve_device("cuda").type == "cpu"
+    assert resolve_device(None).type == "cpu"
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(tiny_encoder, sample_images) -> None:
+    """Autocast + channels_last on CUDA agree with the float32 CPU path."""
+    gpu = load_encoder(TINY, device="cuda")
+    gpu.model.load_state_dict(tiny_encoder.model.state_dict())
+    similarity = (gpu.encode_images(sample_images) * tiny_encoder.encode_images(sample_images)).sum(1)
+    assert similarity.min() > 0.99
+    similarity = (gpu.encode_texts(TEXTS) * tiny_encoder.encode_texts(TEXTS)).sum(1)
+    assert similarity.min() > 0.99

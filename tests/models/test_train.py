@@ -1,0 +1,138 @@
+"""Contrastive training: it learns, it skips and counts bad data, it resumes after `kill -9`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import load_encoder
+from models.checkpoint import FULL_WEIGHTS_NAME
+from models.config import AugmentConfig, TrainConfig
+from models.data import read_pairs
+from models.encoder import create_model
+from models.train import Trainer
+
+from ..conftest import TINY, make_shapes_folder
+
+
+def _config(out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        output_dir=out, epochs=25, batch_size=32, lr=2e-3, warmup_steps=10, val_fraction=0.25,
+        checkpoint_every=50, augment=AugmentConfig(scale=(0.8, 1.0), color_jitter=0.0, grayscale=0.0),
+        device="cpu", progress=False, seed=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _trainer(data: Path, config: TrainConfig) -> Trainer:
+    torch.manual_seed(0)
+    loaded = create_model(TINY)
+    return Trainer(loaded, open_clip.get_tokenizer(loaded.registered_name), read_pairs(data), config)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    trainer = _trainer(shapes_folder, _config(tmp_path_factory.mktemp("run")))
+    return trainer, trainer.run()
+
+
+def test_loss_falls_and_recall_rises_above_chance(trained) -> None:
+    trainer, result = trained
+    first, last = result.metrics[0], result.metrics[-1]
+    assert last["train_loss"] < 0.6 * first["train_loss"]
+    held_images = len(trainer.held_examples.images)
+    chance_r5 = 5 / held_images
+    # 8 classes: a model that tells colour and shape apart fills the top 5 with the right class
+    assert last["text_to_image_R@5"] > 3 * chance_r5, (last, held_images)
+    assert last["text_to_image_R@5"] > first["text_to_image_R@5"]
+    metrics = json.loads((trainer.config.output_dir / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 25 and metrics["held_out_pairs"] == len(trainer.held_examples.pairs)
+
+
+def test_trained_model_dir_loads_everywhere(trained, sample_images) -> None:
+    _, result = trained
+    encoder = load_encoder(result.model_dir, device="cpu")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{result.model_dir}")
+    with torch.inference_mode():
+        theirs = model.eval().encode_image(torch.stack([preprocess(i) for i in sample_images]), normalize=True)
+    np.testing.assert_allclose(theirs.numpy(), encoder.encode_images(sample_images), atol=1e-5)
+
+
+def test_bad_rows_and_images_skipped_and_counted(tmp_path: Path) -> None:
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    (data / "red_circle" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (data / "red_circle" / "corrupt.txt").write_text("a broken picture")
+    (data / "red_circle" / "empty.png").write_bytes(b"")
+    (data / "red_circle" / "empty.txt").write_text("nothing here")
+    (data / "red_circle" / "nocaption.png").write_bytes((data / "red_circle" / "000.png").read_bytes())
+    (data / "red_circle" / "blank.png").write_bytes((data / "red_circle" / "000.png").read_bytes())
+    (data / "red_circle" / "blank.txt").write_text("\n")
+    trainer = _trainer(data, _config(tmp_path / "run", epochs=1, batch_size=8))
+    assert dict(trainer.skipped) == {
+        "missing_caption": 1, "empty_caption": 1, "bad_image:invalid_image": 1, "bad_image:empty": 1,
+    }
+    assert len(trainer.train_examples.pairs) + len(trainer.held_examples.pairs) == 32
+    rejects = json.loads((tmp_path / "run" / "rejects.json").read_text())
+    assert sorted(Path(r["image"]).name for r in rejects) == ["corrupt.png", "empty.png"]
+    result = trainer.run()  # and the run goes through
+    assert result.steps > 0
+
+
+def test_locked_text_tower_stays_put(shapes_folder: Path, tmp_path: Path) -> None:
+    trainer = _trainer(shapes_folder, _config(tmp_path / "run", epochs=1, lock_text=True))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    after = trainer.model.state_dict()
+    text_keys = [k for k in before if not k.startswith(("visual.", "logit_"))]
+    image_keys = [k for k in before if k.startswith("visual.")]
+    assert text_keys and image_keys
+    assert all(torch.equal(before[k], after[k]) for k in text_keys)
+    assert any(not torch.equal(before[k], after[k]) for k in image_keys)
+
+
+def _train_command(data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "app.cli", "train", str(data), "--out", str(out), "--model", TINY,
+        "--epochs", "6", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "5",
+        "--checkpoint-every", "3", "--val-fraction", "0.25", "--device", "cpu", "--quiet",
+    ]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    data = make_shapes_folder(tmp_path / "data", per_class=8)  # 64 pairs -> 3 steps an epoch
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(data, reference), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(data, killed), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "checkpoints").glob("step_00000006.pt")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_train_command(data, killed), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step_" in resumed.stderr
+
+    want = load_file(str(reference / "model" / FULL_WEIGHTS_NAME))
+    got = load_file(str(killed / "model" / FULL_WEIGHTS_NAME))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    history = json.loads((killed / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in history] == list(range(1, 7))
