@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/clipsearch
 STAMP := $(VENV)/.installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji openclipart-png
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -16,7 +16,7 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install apt test lint model train eval index demo clean
+.PHONY: help install apt test lint model train eval index serve demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -59,8 +59,11 @@ index: install ## build a FAISS index: make index DATA=folder-or-manifest [OUT=i
 	@test -n "$(DATA)" || { echo "usage: make index DATA=path [OUT=dir] [MODEL=...]"; exit 2; }
 	$(CLI) index $(DATA) --out $(or $(OUT),indexes/default) --model $(MODEL)
 
-demo: install ## search the stamps gallery with the default model (example queries)
-	$(CLI) demo --model $(MODEL)
+serve: install ## run the search service: make serve [INDEX=indexes/default] [PORT=8000]
+	$(CLI) serve --index $(or $(INDEX),indexes/default) --model $(MODEL) --port $(or $(PORT),8000)
+
+demo: install ## index the stamps gallery, start the server, show example queries (Ctrl-C stops)
+	$(CLI) demo --model $(MODEL) $(if $(PORT),--port $(PORT))
 
 clean: ## remove build outputs (keeps .venv and the committed default model)
 	rm -rf build runs .pytest_cache

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from app import demo
+from app import demo, serve
 from indexer import cli as index_cli
 from models import cli as model_cli
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_cli.add_commands(subparsers)
     index_cli.add_command(subparsers)
+    serve.add_command(subparsers)
     demo.add_command(subparsers)
     return parser
 

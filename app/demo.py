@@ -1,20 +1,22 @@
-"""`clipsearch demo`: embed the demo gallery with the default model and answer example queries.
+"""`clipsearch demo`: index the demo gallery with the default model, start the server, and show
+example queries as the curl commands a user would type, with their answers.
 
-The gallery is the Debian tuxpaint stamps (about 800 photos and drawings). Every image is embedded
-once; text queries are answered by exact inner-product search over the unit-norm embeddings, and
-a few gallery images are labelled zero-shot against the stamp category phrases (image -> text).
+The gallery is the Debian tuxpaint stamps (about 800 photos and drawings). The index is
+incremental, so a second demo starts in seconds. With a terminal attached the server keeps
+running until Ctrl-C; without one (CI, scripts) the demo exits after the examples.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -33,104 +35,110 @@ EXAMPLE_QUERIES: tuple[str, ...] = (
 STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
 
 
-@dataclass(frozen=True)
-class GalleryItem:
-    source: str  # path relative to the gallery root
-    caption: str
+def _start_server(app: Any, host: str, port: int) -> tuple[Any, threading.Thread]:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    return server, thread
 
 
-@dataclass
-class Gallery:
-    items: list[GalleryItem]
-    embeddings: np.ndarray  # (N, D) float32, unit norm
-    rejected: dict[str, str]
+def _wait_ready(base: str, timeout_s: float = 120) -> None:
+    import httpx
 
-    def search(self, query_embeddings: np.ndarray, k: int) -> list[list[tuple[GalleryItem, float]]]:
-        """Exact top-k by cosine similarity for each query row `(Q, D)`."""
-        scores = query_embeddings @ self.embeddings.T  # (Q, N)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return [[(self.items[j], float(scores[q, j])) for j in row] for q, row in enumerate(top)]
-
-
-def build_gallery(encoder: Any, root: Path, progress: bool = True) -> Gallery:
-    """Decode and embed every image under `root`; unreadable ones are reported, not fatal."""
-    from tqdm import tqdm
-
-    from models.default_data import stamp_caption
-    from models.images import IMAGE_SUFFIXES, ImageRejected, load_image
-
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    items: list[GalleryItem] = []
-    images = []
-    rejected: dict[str, str] = {}
-    for path in tqdm(paths, desc="decode", disable=not progress):
-        relative = str(path.relative_to(root))
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
         try:
-            images.append(load_image(path))
-        except ImageRejected as exc:
-            rejected[relative] = f"{exc.reason}: {exc.message}"
-            continue
-        items.append(GalleryItem(relative, stamp_caption(path)))  # same-name .txt, first line
-    embeddings = encoder.encode_images(images)
-    return Gallery(items, embeddings, rejected)
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server at {base} did not become ready in {timeout_s:.0f} s")
 
 
-def format_results(queries: Sequence[str], results: list[list[tuple[GalleryItem, float]]],
-                   markdown: bool) -> str:
+def _curl(base: str, path: str, body: dict[str, Any]) -> str:
+    return f"curl -s {base}{path} -H 'content-type: application/json' -d '{json.dumps(body)}'"
+
+
+def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> str:
+    """Run the example queries against a live server; return them as text (or a Markdown table)."""
+    import httpx
+
     lines: list[str] = []
     if markdown:
-        lines += ["| query | top results (stamp file: its description) |", "|---|---|"]
-        for query, hits in zip(queries, results, strict=True):
-            cells = "<br>".join(
-                f"{score:.2f} `{Path(item.source).name}`: {item.caption or '-'}" for item, score in hits
-            )
+        lines += ["| query | top results (score, stamp file: its description) |", "|---|---|"]
+    for query in queries:
+        body = {"query": query, "k": k}
+        results = httpx.post(f"{base}/v1/search/text", json=body, timeout=30).json()["results"]
+        if markdown:
+            cells = "<br>".join(f"{r['score']:.2f} `{Path(r['source']).name}`: {r['caption'] or '-'}"
+                                for r in results)
             lines.append(f"| {query} | {cells} |")
-        return "\n".join(lines)
-    for query, hits in zip(queries, results, strict=True):
-        lines.append(f"\n{query!r}")
-        for rank, (item, score) in enumerate(hits, 1):
-            lines.append(f"  {rank}. {score:.3f}  {item.source}  ({item.caption or 'no caption'})")
+            continue
+        lines.append(f"\n$ {_curl(base, '/v1/search/text', body)}")
+        for rank, r in enumerate(results, 1):
+            lines.append(f"  {rank}. {r['score']:.3f}  {r['source']}  ({r['caption'] or 'no caption'})")
+    if not markdown:
+        body = {"id": 0, "k": 3, "target": "texts"}
+        item = httpx.get(f"{base}/v1/items/0", timeout=30).json()
+        labels = httpx.post(f"{base}/v1/search/image", json=body, timeout=30).json()["results"]
+        lines.append(f"\nimage -> text: captions nearest to the image of item 0 ({item['source']})")
+        lines.append(f"$ {_curl(base, '/v1/search/image', body)}")
+        for rank, r in enumerate(labels, 1):
+            lines.append(f"  {rank}. {r['score']:.3f}  {r['caption']}")
     return "\n".join(lines)
 
 
-def run_demo(model: str, root: Path, queries: Sequence[str], k: int, markdown: bool) -> str:
-    from models.default_data import CATEGORY_PHRASES
+def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries: Sequence[str], k: int,
+             markdown: bool, serve: bool) -> int:
+    from app.main import create_app
+    from app.settings import Settings
+    from indexer.reader import open_source
+    from indexer.runner import IndexConfig, run_index
     from models.encoder import load_encoder
 
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} not found: apt-get install tuxpaint-stamps-default (make install does)")
+    if not gallery.is_dir():
+        raise FileNotFoundError(f"{gallery} not found: apt-get install tuxpaint-stamps-default (make install does)")
     encoder = load_encoder(model)
-    logger.info("model %s", encoder.fingerprint)
-    gallery = build_gallery(encoder, root, progress=not markdown)
-    for source, reason in gallery.rejected.items():
-        logger.warning("skipped %s: %s", source, reason)
-    logger.info("gallery: %d images embedded, %d rejected", len(gallery.items), len(gallery.rejected))
-    output = format_results(queries, gallery.search(encoder.encode_texts(list(queries)), k), markdown)
+    summary = run_index(open_source(gallery), encoder, IndexConfig(out_dir=out, progress=not markdown))
     if not markdown:
-        # image -> text: label a few gallery images zero-shot with the category phrases
-        labels = sorted(set(CATEGORY_PHRASES.values()))
-        label_embeddings = encoder.encode_texts(labels)
-        picks = np.linspace(0, len(gallery.items) - 1, 5).astype(int)
-        output += "\n\nimage -> text (zero-shot labels for a few gallery images):"
-        for index in picks:
-            scores = label_embeddings @ gallery.embeddings[index]
-            best = np.argsort(-scores)[:3]
-            guesses = ", ".join(f"{labels[j]} ({scores[j]:.2f})" for j in best)
-            output += f"\n  {gallery.items[index].source}: {guesses}"
-    return output
-
-
-def _handle(args: argparse.Namespace) -> int:
-    queries = args.query or list(EXAMPLE_QUERIES)
-    print(run_demo(args.model, args.gallery, queries, args.k, args.markdown))
+        print(summary.render())
+    settings = Settings(index_dir=out, model=model, host=host, port=port)
+    server, thread = _start_server(create_app(settings, encoder=encoder), host, port)
+    base = f"http://{host}:{port}"
+    try:
+        _wait_ready(base)
+        print(show_examples(base, queries, k, markdown))
+        if serve:
+            print(f"\nSearch page: {base}/   API docs: {base}/docs   (Ctrl-C to stop)")
+            while thread.is_alive():
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(10)
     return 0
 
 
+def _handle(args: argparse.Namespace) -> int:
+    serve = args.serve if args.serve is not None else sys.stdin.isatty()
+    return run_demo(args.model, args.gallery, args.out, args.host, args.port, args.query or list(EXAMPLE_QUERIES),
+                    args.k, args.markdown, serve and not args.markdown)
+
+
 def add_command(subparsers: Any) -> None:
-    parser = subparsers.add_parser("demo", help="search the stamps gallery with the default model")
-    parser.add_argument("--model", default="default", help="model to use (see `clipsearch eval --help`)")
+    parser = subparsers.add_parser("demo", help="index the stamps gallery, serve it, show example queries")
+    parser.add_argument("--model", default="default", help="model to use (default: the embedded one)")
     parser.add_argument("--gallery", type=Path, default=STAMPS_ROOT, help="folder of images")
+    parser.add_argument("--out", type=Path, default=Path("indexes/demo"), help="index directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--query", action="append", help="a text query (repeatable; default: examples)")
-    parser.add_argument("-k", type=int, default=5, help="results per query")
+    parser.add_argument("-k", type=int, default=3, help="results per query")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep serving after the examples (default: when run from a terminal)")
     parser.set_defaults(handler=_handle)

@@ -5,8 +5,6 @@
   gets its description and a short phrase for its category folder ("a bird", "a road sign").
 - `fonts-noto-color-emoji`: every single-code-point emoji rendered in colour; its Unicode name
   is the caption ("red apple").
-- `openclipart-png` (training only, pinned to the training split): about 5,000 drawings whose
-  folder names ("big cats", "flag of mali") and file-name words serve as captions.
 
 Output: JSONL manifests in the chosen folder (`train.jsonl`: everything; `eval.jsonl`: one
 description per stamp and emoji, the evaluation set; `stamps.jsonl`; `emoji.jsonl`), with rendered
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -29,11 +26,6 @@ from models.data import clean_caption
 logger = logging.getLogger(__name__)
 
 STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
-CLIPART_ROOT = Path("/usr/share/openclipart/png")
-# Clip-art folders that hold user-interface icons, borders, samples or unsorted files: no caption
-# we could derive from them would describe the picture.
-CLIPART_SKIP = ("computer", "buttons", "special", "unsorted", "logos", "shapes/flowchart", "shapes/callouts",
-                "recreation/games/cards")
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_BITMAP_SIZE = 109  # the only size the CBDT bitmap font offers
 
@@ -103,35 +95,6 @@ def stamp_rows(root: Path = STAMPS_ROOT) -> tuple[list[dict[str, Any]], int]:
     return rows, missing
 
 
-def _words(text: str) -> list[str]:
-    return [w for w in re.split(r"[^a-z]+", text.lower()) if len(w) > 1]
-
-
-def clipart_rows(root: Path = CLIPART_ROOT) -> list[dict[str, Any]]:
-    """Rows for the openclipart drawings: their folder names ("big cats") and the words of their
-    file name, minus the words that recur across unrelated top-level folders (author names)."""
-    images = [p for p in sorted(root.rglob("*.png"))
-              if not str(p.relative_to(root).parent).startswith(CLIPART_SKIP)]
-    spread: dict[str, set[str]] = {}
-    for image in images:
-        for word in _words(image.stem):
-            spread.setdefault(word, set()).add(image.relative_to(root).parts[0])
-    rows: list[dict[str, Any]] = []
-    for image in images:
-        folders = image.relative_to(root).parent.parts
-        if not folders:
-            continue
-        category = " ".join(_words(folders[-1]))
-        if "flags" in folders and folders[-1] != "flags":
-            category = f"flag of {category}"
-        name = " ".join(w for w in _words(image.stem) if len(spread[w]) < 3)
-        base = {"image": str(image), "kind": "clipart", "category": "/".join(folders), "split": "train"}
-        rows.append({**base, "caption": category})
-        if name and name != category:
-            rows.append({**base, "caption": name})
-    return rows
-
-
 def _emoji_codepoints(font_path: Path) -> list[int]:
     from fontTools.ttLib import TTFont  # only needed to build the training set
 
@@ -174,9 +137,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def build_default_dataset(
-    out_dir: Path, stamps_root: Path = STAMPS_ROOT, font: Path = EMOJI_FONT, clipart_root: Path = CLIPART_ROOT
-) -> Path:
+def build_default_dataset(out_dir: Path, stamps_root: Path = STAMPS_ROOT, font: Path = EMOJI_FONT) -> Path:
     """Write the manifests; returns the training manifest. Raises FileNotFoundError naming the
     Debian package to install when a source is missing."""
     if not stamps_root.is_dir():
@@ -186,17 +147,13 @@ def build_default_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps, missing = stamp_rows(stamps_root)
     emoji = emoji_rows(out_dir, font)
-    # Optional extra training images (never evaluated on): more drawings of everyday things.
-    clipart = clipart_rows(clipart_root) if clipart_root.is_dir() else []
-    if not clipart:
-        logger.warning("%s not found (apt-get install openclipart-png): training without clip art", clipart_root)
     _write_jsonl(out_dir / "stamps.jsonl", [r for r in stamps if r["kind"] == "description"])
     _write_jsonl(out_dir / "emoji.jsonl", emoji)
-    _write_jsonl(out_dir / "train.jsonl", stamps + emoji + clipart)
+    _write_jsonl(out_dir / "train.jsonl", stamps + emoji)
     # The evaluation set: one descriptive caption per image (no shared category phrases).
     _write_jsonl(out_dir / "eval.jsonl", [r for r in stamps if r["kind"] == "description"] + emoji)
     logger.info(
-        "default data: %d stamp rows (%d stamps without a description skipped), %d emoji, %d clip-art rows",
-        len(stamps), missing, len(emoji), len(clipart),
+        "default data: %d stamp rows (%d stamps without a description skipped), %d emoji",
+        len(stamps), missing, len(emoji),
     )
     return out_dir / "train.jsonl"

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "clipsearch-minilm-cnn"
 HELD_OUT_FRACTION = 0.2
-DEFAULT_EPOCHS = 16
+DEFAULT_EPOCHS = 50
 # Objects on transparent backgrounds: pad to square on white rather than crop their edges off.
 PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
 

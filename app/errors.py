@@ -1,0 +1,126 @@
+"""One error taxonomy for the service and the one place that maps it to HTTP.
+
+Every error leaves as `{"error": {"type": ..., "message": ...}}`; messages name the problem and
+the field, never echo the input (a query text or a base64 image) and never carry a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of the domain errors; `status` and `type` decide the HTTP answer."""
+
+    status = 500
+    type = "internal_error"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    status, type = 400, "invalid_input"
+
+
+class ValidationFailed(ServiceError):
+    status, type = 422, "validation_error"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, type = 415, "unsupported_media_type"
+
+
+class InvalidImage(ServiceError):
+    status, type = 400, "invalid_image"
+
+
+class UnsupportedImage(ServiceError):
+    status, type = 415, "unsupported_image"
+
+
+class NotFound(ServiceError):
+    status, type = 404, "not_found"
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class Overloaded(ServiceError):
+    status, type = 429, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(ServiceError):
+    status, type = 504, "timeout"
+
+
+class NotReady(ServiceError):
+    status, type = 503, "not_ready"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": "1"}
+
+
+class ModelFailure(ServiceError):
+    status, type = 500, "model_error"
+
+
+_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+               422: "validation_error", 429: "overloaded"}
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status >= 500:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return JSONResponse(error_body(exc.type, exc.message), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input back (a whole base64 image, say): not ours.
+        return JSONResponse(error_body("validation_error", _validation_message(exc)), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(error_body(_HTTP_TYPES.get(exc.status_code, "error"), message), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal error; see the server log"), 500)

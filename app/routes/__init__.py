@@ -1,0 +1,1 @@
+"""HTTP routers, one per resource: search, embed, items, health (and the search page)."""

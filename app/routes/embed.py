@@ -1,0 +1,71 @@
+"""Embedding routes: vectors for users who keep their own store, and an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from app.deps import ServiceDep
+from app.errors import InvalidInput
+from app.routes.inputs import image_body_openapi, read_image_request
+from app.schemas import (
+    EmbedImageRequest,
+    EmbedResponse,
+    EmbedTextRequest,
+    OpenAIEmbedding,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+)
+from app.search import SearchService
+
+router = APIRouter(tags=["embed"])
+
+
+class _NoFields(BaseModel):
+    pass
+
+
+def _response(vectors: np.ndarray, service: SearchService, started: float) -> EmbedResponse:
+    return EmbedResponse(embeddings=vectors.tolist(), dim=int(vectors.shape[1]),
+                         model=str(service.encoder.fingerprint),
+                         took_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+@router.post("/v1/embed/text", response_model=EmbedResponse)
+async def embed_text(body: EmbedTextRequest, service: ServiceDep) -> EmbedResponse:
+    """Float32, L2-normalised text embeddings, one per input, in order."""
+    started = time.perf_counter()
+    if len(body.texts) > service.settings.max_batch_inputs:
+        raise InvalidInput(f"at most {service.settings.max_batch_inputs} texts per request")
+    return _response(await service.embed_texts(body.texts), service, started)
+
+
+@router.post("/v1/embed/image", response_model=EmbedResponse,
+             openapi_extra=image_body_openapi("EmbedImageRequest", {}))
+async def embed_image(request: Request, service: ServiceDep) -> EmbedResponse:
+    """The embedding of one image: multipart `file`, or JSON `{"image_base64": ...}`."""
+    started = time.perf_counter()
+    _, data = await read_image_request(request, EmbedImageRequest, _NoFields)
+    assert data is not None
+    vector = await service.embed_image_bytes(data)
+    return _response(vector.reshape(1, -1), service, started)
+
+
+@router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse)
+async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -> OpenAIEmbeddingResponse:
+    """OpenAI-compatible text embeddings, so existing embedding clients work unchanged."""
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or any(not t for t in texts):
+        raise InvalidInput("input must be a non-empty string or a list of non-empty strings")
+    if len(texts) > service.settings.max_batch_inputs:
+        raise InvalidInput(f"at most {service.settings.max_batch_inputs} inputs per request")
+    vectors = await service.embed_texts(texts)
+    tokens = sum(len(t.split()) for t in texts)  # a word count: the tokenizer's count is model-specific
+    return OpenAIEmbeddingResponse(
+        data=[OpenAIEmbedding(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
+        model=str(service.encoder.fingerprint),
+        usage={"prompt_tokens": tokens, "total_tokens": tokens},
+    )

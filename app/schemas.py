@@ -1,0 +1,145 @@
+"""Request and response models of the HTTP API (pydantic v2); they are also the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_K = 1000
+
+
+class FilterSpec(BaseModel):
+    """A metadata condition; all given operators must hold. `field`: `source`, `caption`, `width`,
+    `height`, or an extra manifest column."""
+
+    model_config = ConfigDict(extra="forbid")
+    field: str = Field(min_length=1, max_length=100)
+    eq: str | int | float | bool | None = None
+    prefix: str | None = Field(None, max_length=1000)
+    contains: str | None = Field(None, max_length=1000)
+    gte: float | None = None
+    lte: float | None = None
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> FilterSpec:
+        if all(v is None for v in (self.eq, self.prefix, self.contains, self.gte, self.lte)):
+            raise ValueError("a filter needs at least one of eq, prefix, contains, gte, lte")
+        return self
+
+
+class SearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(10, ge=1, le=MAX_K, description="results to return")
+    offset: int = Field(0, ge=0, le=MAX_K, description="results to skip (paging)")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="drop results scoring below this")
+    filters: list[FilterSpec] = Field(default_factory=list, max_length=16)
+
+
+class TextSearchRequest(SearchOptions):
+    query: str = Field(min_length=1, max_length=10_000, examples=["a bird"])
+
+
+class ImageSearchRequest(SearchOptions):
+    """JSON form of an image query: a base64 image, or the id of an indexed item."""
+
+    image_base64: str | None = Field(None, description="the image file, base64-encoded")
+    id: int | None = Field(None, ge=0, description="an indexed item to use as the query")
+    target: Literal["images", "texts"] = "images"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageSearchRequest:
+        if (self.image_base64 is None) == (self.id is None):
+            raise ValueError("give exactly one of image_base64 and id")
+        return self
+
+
+class QueryTerm(BaseModel):
+    """One weighted part of a composed query: a text, a base64 image or an indexed item's id."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1, max_length=10_000)
+    image_base64: str | None = None
+    id: int | None = Field(None, ge=0)
+    weight: float = Field(1.0, ge=-10.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> QueryTerm:
+        if sum(v is not None for v in (self.text, self.image_base64, self.id)) != 1:
+            raise ValueError("a term has exactly one of text, image_base64, id")
+        return self
+
+
+class ComposedSearchRequest(SearchOptions):
+    terms: list[QueryTerm] = Field(min_length=1, max_length=16)
+    target: Literal["images", "texts"] = "images"
+
+
+class SearchResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    score: float
+    source: str | None = None
+    caption: str | None = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    next_offset: int | None = Field(None, description="offset of the next page, when there may be one")
+    index_version: str
+    took_ms: float
+
+
+class EmbedTextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, max_length=256)
+
+
+class EmbedImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_base64: str
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+    model: str
+    took_ms: float
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI-compatible body; `model` is accepted and ignored (the server has one model)."""
+
+    input: str | list[str] = Field(examples=["a bird"])
+    model: str | None = None
+    encoding_format: Literal["float"] | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: dict[str, int]
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    source: str
+    caption: str
+    width: int
+    height: int
+    duplicates: list[str]
+    extra: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: str
+    detail: dict[str, Any] = Field(default_factory=dict)

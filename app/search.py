@@ -1,0 +1,246 @@
+"""SearchService: embed (through the batchers) -> index search -> metadata join.
+
+It owns the encoder, the live index (swapped atomically by the hot reloader) and one batcher per
+modality. Routes call it with validated values and get plain results back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from app.batching import DynamicBatcher
+from app.errors import InvalidImage, InvalidInput, NotFound, NotReady, UnsupportedImage
+from app.observability import Metrics
+from app.settings import Settings
+from indexer.artifacts import InvalidIndex, LoadedIndex, load_index, resolve_version, search_parameters
+from models import FingerprintMismatch, ImageLimits, ImageRejected, decode_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One metadata condition. `field`: source, caption, width, height, or an extra column."""
+
+    field: str
+    eq: Any = None
+    prefix: str | None = None
+    gte: float | None = None
+    lte: float | None = None
+    contains: str | None = None
+
+    def value_of(self, meta: dict[str, Any]) -> Any:
+        if self.field in ("source", "caption", "width", "height", "id", "sha256"):
+            return meta.get(self.field)
+        return meta.get("extra", {}).get(self.field)
+
+    def matches(self, meta: dict[str, Any]) -> bool:
+        value = self.value_of(meta)
+        if value is None:
+            return False
+        if self.eq is not None and value != self.eq:
+            return False
+        if self.prefix is not None and not str(value).startswith(self.prefix):
+            return False
+        if self.contains is not None and self.contains.lower() not in str(value).lower():
+            return False
+        if self.gte is not None or self.lte is not None:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return False
+            if (self.gte is not None and number < self.gte) or (self.lte is not None and number > self.lte):
+                return False
+        return True
+
+
+class SearchService:
+    def __init__(self, encoder: Any, index: LoadedIndex, settings: Settings, metrics: Metrics) -> None:
+        self.encoder = encoder
+        self.index = index
+        self.settings = settings
+        self.metrics = metrics
+        self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_body_bytes)
+        # One thread owns the device: model calls never run concurrently, batches do the sharing.
+        self.device_thread = ThreadPoolExecutor(1, thread_name_prefix="device")
+        self.text_batcher: DynamicBatcher[str] = DynamicBatcher(
+            "text", self._encode_texts, self.device_thread, metrics,
+            settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
+        self.image_batcher: DynamicBatcher[torch.Tensor] = DynamicBatcher(
+            "image", self._encode_pixels, self.device_thread, metrics,
+            settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
+        self._filter_cache: dict[tuple[Any, ...], np.ndarray] = {}
+        self._refused: Path | None = None  # a published version that failed its checks
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.text_batcher.start()
+        self.image_batcher.start()
+
+    async def stop(self) -> None:
+        await self.text_batcher.stop()
+        await self.image_batcher.stop()
+        self.device_thread.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def batchers_alive(self) -> bool:
+        return self.text_batcher.alive and self.image_batcher.alive
+
+    # -- model calls (device thread) -------------------------------------------------------------
+    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.encode_texts(list(texts))
+
+    def _encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        return self.encoder.encode_image_tensors(torch.stack(list(pixels)))
+
+    # -- embedding --------------------------------------------------------------------------------
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, D) unit rows; each text is its own batcher item so they batch with other requests."""
+        for text in texts:
+            if len(text) > self.settings.max_text_chars:
+                raise InvalidInput(f"text longer than {self.settings.max_text_chars} characters")
+        timeout = self.settings.request_timeout_s
+        rows = await asyncio.gather(*(self.text_batcher.submit(t, timeout) for t in texts))
+        return np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)
+
+    def prepare_image(self, data: bytes) -> torch.Tensor:
+        """Decode + preprocess untrusted bytes (CPU, any thread). Raises InvalidImage/UnsupportedImage."""
+        started = time.perf_counter()
+        try:
+            image = decode_image(data, self.limits)
+        except ImageRejected as exc:
+            if exc.reason == "unsupported_format":
+                raise UnsupportedImage(exc.message) from None
+            raise InvalidImage(exc.message) from None
+        pixels = self.encoder.preprocess(image)
+        self.metrics.stage.labels("decode").observe(time.perf_counter() - started)
+        return pixels
+
+    async def embed_image_bytes(self, data: bytes) -> np.ndarray:
+        pixels = await asyncio.get_running_loop().run_in_executor(None, self.prepare_image, data)
+        return await self.image_batcher.submit(pixels, self.settings.request_timeout_s)
+
+    def stored_vector(self, item_id: int) -> np.ndarray:
+        index = self.index
+        if not 0 <= item_id < len(index.metadata):
+            raise NotFound(f"no item with id {item_id}")
+        return np.asarray(index.embeddings[item_id], dtype=np.float32)
+
+    # -- search -----------------------------------------------------------------------------------
+    def _allowed_ids(self, index: LoadedIndex, filters: Sequence[Filter]) -> np.ndarray:
+        key = (index.version, tuple(filters))
+        cached = self._filter_cache.get(key)
+        if cached is None:
+            cached = np.fromiter((m["id"] for m in index.metadata if all(f.matches(m) for f in filters)),
+                                 dtype=np.int64)
+            if len(self._filter_cache) > 256:
+                self._filter_cache.clear()
+            self._filter_cache[key] = cached
+        return cached
+
+    def search_vectors(self, query: np.ndarray, target: str, k: int, offset: int, min_score: float | None,
+                       filters: Sequence[Filter] = ()) -> tuple[LoadedIndex, list[Hit]]:
+        """Top `k` after `offset` for one unit query vector `(D,)` in the image or text index."""
+        started = time.perf_counter()
+        index = self.index  # one consistent version for the whole request, even across a reload
+        faiss_index = index.image_index if target == "images" else index.text_index
+        want = min(offset + k, faiss_index.ntotal)
+        if want <= offset:
+            return index, []
+        spec = index.manifest["index"]["image" if target == "images" else "text"]
+        params = search_parameters(spec["factory"], spec.get("search_params", {}))
+        if filters and target == "images":
+            allowed = self._allowed_ids(index, filters)
+            if len(allowed) == 0:
+                return index, []
+            selector = faiss.IDSelectorBatch(allowed)
+            params = self._with_selector(spec, selector)
+            want = min(want, len(allowed))
+        scores, ids = faiss_index.search(query.reshape(1, -1).astype(np.float32), want, params=params)
+        hits = [Hit(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        hits = hits[offset:]
+        if min_score is not None:
+            hits = [h for h in hits if h.score >= min_score]
+        self.metrics.stage.labels("search").observe(time.perf_counter() - started)
+        return index, hits
+
+    @staticmethod
+    def _with_selector(spec: dict[str, Any], selector: Any) -> Any:
+        factory, values = spec["factory"], spec.get("search_params", {})
+        if factory.startswith("HNSW"):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=int(values.get("efSearch", 64)))  # type: ignore[attr-defined]
+        if factory.startswith("IVF"):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=int(values.get("nprobe", 16)))  # type: ignore[call-arg]
+        return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+
+    # -- stored items -------------------------------------------------------------------------------
+    def item(self, item_id: int) -> dict[str, Any]:
+        index = self.index
+        if not 0 <= item_id < len(index.metadata):
+            raise NotFound(f"no item with id {item_id}")
+        return index.metadata[item_id]
+
+    def item_path(self, item_id: int) -> Path:
+        """The stored file of an item, found through the id only and checked to lie in the data root."""
+        meta = self.item(item_id)
+        root = Path(self.index.manifest["source"]["path"]).resolve()
+        path = (root / meta["source"]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise NotFound(f"the image of item {item_id} is not available")
+        return path
+
+    def item_image(self, item_id: int, max_side: int | None) -> Image.Image:
+        path = self.item_path(item_id)
+        try:
+            image = decode_image(path.read_bytes(), self.limits)
+        except (OSError, ImageRejected):
+            raise NotFound(f"the image of item {item_id} can no longer be read") from None
+        if max_side:
+            image.thumbnail((max_side, max_side))
+        return image
+
+    # -- hot reload ---------------------------------------------------------------------------------
+    def try_reload(self) -> bool:
+        """Switch to a newly published version if there is one and it is sound. Returns True on a switch."""
+        try:
+            current = resolve_version(self.settings.index_dir)
+        except InvalidIndex:
+            return False
+        if current in (self.index.directory, self._refused):
+            return False
+        try:
+            candidate = load_index(current, expected=self.encoder.fingerprint)
+        except (InvalidIndex, FingerprintMismatch, OSError) as exc:
+            self.metrics.reloads.labels("refused").inc()
+            logger.error("new index %s refused, still serving %s: %s", current.name, self.index.version, exc)
+            self._refused = current
+            return False
+        self.index = candidate  # one reference assignment: requests in flight keep their version
+        self.metrics.reloads.labels("switched").inc()
+        logger.info("now serving index %s (%d items)", candidate.version, len(candidate.metadata))
+        return True
+
+
+def load_serving_index(settings: Settings, encoder: Any) -> LoadedIndex:
+    try:
+        return load_index(settings.index_dir, expected=encoder.fingerprint)
+    except (InvalidIndex, FingerprintMismatch) as exc:
+        raise NotReady(str(exc)) from exc

@@ -1,0 +1,39 @@
+"""Server settings: `CLIPSEARCH_*` environment variables (and `clipsearch serve` flags) -> Settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment, validated once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="CLIPSEARCH_", env_file=None, extra="ignore")
+
+    index_dir: Path = Field(Path("indexes/default"), description="index directory (its `current` is served)")
+    model: str = Field("default", description="model: 'default', a model directory or an open_clip name")
+    pretrained: str | None = Field(None, description="pretrained tag or checkpoint file for an open_clip name")
+    device: str | None = Field(None, description="cpu, cuda, ... (default: CUDA when present)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(1, ge=1, description="server processes (each loads its own model)")
+
+    max_batch_size: int = Field(32, ge=1, description="largest model call the batcher forms")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch may wait to fill up")
+    max_queue: int = Field(256, ge=1, description="queued requests per modality before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a queued request older than this fails (504)")
+
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit (400)")
+    max_k: int = Field(1000, ge=1, description="largest k (and offset + k) a search may ask for")
+    max_text_chars: int = Field(10_000, ge=1, description="longest query text")
+    max_batch_inputs: int = Field(256, ge=1, description="most inputs in one embed request")
+
+    api_keys: list[str] = Field(default_factory=list, description="accepted API keys; empty: no auth")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
+    reload_interval_s: float = Field(2.0, ge=0, description="index hot-reload poll period; 0 disables")
+    keep_alive_s: int = Field(75, ge=1, description="idle keep-alive, longer than the proxy's upstream one")
+    thumbnail_size: int = Field(256, ge=16, le=1024)
