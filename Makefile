@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/clipsearch
 STAMP := $(VENV)/.installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium chromium-driver
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -16,7 +16,7 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install apt test lint model train eval index serve demo clean
+.PHONY: help install apt test lint model train eval index serve demo bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-apt: ## install the Debian packages behind the default model and the demo gallery (when missing)
+apt: ## install the Debian packages: demo gallery + training data, Chromium for the browser test (when missing)
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -64,6 +64,14 @@ serve: install ## run the search service: make serve [INDEX=indexes/default] [PO
 
 demo: install ## index the stamps gallery, start the server, show example queries (Ctrl-C stops)
 	$(CLI) demo --model $(MODEL) $(if $(PORT),--port $(PORT))
+
+BENCH_PORT ?= 8077
+bench: install ## measure: indexing images/s, then QPS/latency of a server under 32 clients (stamps gallery)
+	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
+	@$(CLI) serve --index build/bench-index --port $(BENCH_PORT) > build/bench-server.log 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(BENCH_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration 20
 
 clean: ## remove build outputs (keeps .venv and the committed default model)
 	rm -rf build runs .pytest_cache

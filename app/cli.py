@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from app import demo, serve
+from app import bench, demo, serve
 from indexer import cli as index_cli
 from models import cli as model_cli
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_cli.add_command(subparsers)
     serve.add_command(subparsers)
     demo.add_command(subparsers)
+    bench.add_command(subparsers)
     return parser
 
 
@@ -46,6 +47,7 @@ def setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
         for handler in logging.getLogger().handlers:
             handler.addFilter(_QuietLibraries())
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

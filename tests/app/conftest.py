@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import uvicorn
 from PIL import Image
 
 from app.main import create_app
@@ -67,3 +71,29 @@ def settings_for(index: Path, **overrides) -> Settings:
     values = {"index_dir": index, "reload_interval_s": 0, "max_body_bytes": 256 * 1024}
     values.update(overrides)
     return Settings(**values)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live_server(index_dir: Path, app_encoder):
+    port = _free_port()
+    app = create_app(settings_for(index_dir), encoder=app_encoder)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield base
+    server.should_exit = True
+    thread.join(10)

@@ -1,0 +1,127 @@
+"""`clipsearch bench`: load a running server with concurrent clients and report what it measured.
+
+A bounded run (duration and client count fixed up front) of text and image queries against one
+server on this machine; prints requests, failures, throughput, latency percentiles and the batch
+sizes the server formed (read from its /metrics). `make bench` starts a server process for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+QUERIES = ("a bird", "a piece of fruit", "a musical instrument", "a road sign", "a red car", "a flower",
+           "a boat on the sea", "a dinosaur", "a Christmas decoration", "a planet", "a dog", "a house")
+
+
+@dataclass
+class LoadReport:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        return {
+            "sent": self.sent, "ok": self.ok, "failed": self.failed, "statuses": self.statuses,
+            "seconds": round(self.seconds, 1), "qps": round(self.ok / self.seconds, 1) if self.seconds else 0,
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        }
+
+
+def _image_payloads(count: int = 8) -> list[str]:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    payloads = []
+    for _ in range(count):
+        image = Image.new("RGB", (160, 160), tuple(rng.randint(150, 255) for _ in range(3)))
+        ImageDraw.Draw(image).ellipse((30, 30, 130, 130), fill=tuple(rng.randint(0, 200) for _ in range(3)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        payloads.append(base64.b64encode(buffer.getvalue()).decode())
+    return payloads
+
+
+async def drive(base: str, clients: int, duration_s: float, image_share: float, k: int = 10) -> LoadReport:
+    """`clients` concurrent loops, each sending one request at a time until `duration_s` passes."""
+    import httpx
+
+    report = LoadReport()
+    images = _image_payloads()
+    deadline = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client_loop(seed: int, client: httpx.AsyncClient) -> None:
+        rng = random.Random(seed)
+        while time.perf_counter() < deadline:
+            if rng.random() < image_share:
+                path, body = "/v1/search/image", {"image_base64": rng.choice(images), "k": k}
+            else:
+                path, body = "/v1/search/text", {"query": rng.choice(QUERIES), "k": k}
+            started = time.perf_counter()
+            report.sent += 1
+            try:
+                response = await client.post(path, json=body)
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0
+            report.latencies.append(time.perf_counter() - started)
+            report.statuses[status] = report.statuses.get(status, 0) + 1
+            if status == 200:
+                report.ok += 1
+            else:
+                report.failed += 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def batch_sizes(metrics_text: str) -> dict[str, dict[str, float]]:
+    """Mean batch size and share of batches above 1, per modality, from a /metrics page."""
+    out: dict[str, dict[str, float]] = {}
+    for modality in ("text", "image"):
+        count = re.search(rf'clipsearch_batch_size_count{{modality="{modality}"}} ([0-9.e+]+)', metrics_text)
+        total = re.search(rf'clipsearch_batch_size_sum{{modality="{modality}"}} ([0-9.e+]+)', metrics_text)
+        ones = re.search(rf'clipsearch_batch_size_bucket{{le="1.0",modality="{modality}"}} ([0-9.e+]+)', metrics_text)
+        if count and total and float(count.group(1)) > 0:
+            batches = float(count.group(1))
+            out[modality] = {"batches": batches, "mean_size": round(float(total.group(1)) / batches, 2),
+                             "share_above_1": round(1 - float(ones.group(1)) / batches, 3) if ones else 0.0}
+    return out
+
+
+def _handle(args: argparse.Namespace) -> int:
+    import httpx
+
+    report = asyncio.run(drive(args.url, args.clients, args.duration, args.image_share))
+    result = {"clients": args.clients, "image_share": args.image_share, **report.as_dict(),
+              "batches": batch_sizes(httpx.get(f"{args.url}/metrics", timeout=10).text)}
+    print(json.dumps(result, indent=2))
+    return 0 if report.failed == 0 else 1
+
+
+def add_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="drive a running server with concurrent clients")
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds")
+    parser.add_argument("--image-share", type=float, default=0.3, help="share of image queries")
+    parser.set_defaults(handler=_handle)

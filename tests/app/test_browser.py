@@ -1,0 +1,66 @@
+"""The search page end to end in headless Chromium: type a query, see thumbnails, follow "more like
+this", upload an image. A screenshot is kept in build/test-artifacts/ (Debian chromium and
+chromium-driver, installed by `make install`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as when
+from selenium.webdriver.support.ui import WebDriverWait
+
+from .conftest import png_bytes
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "install Debian chromium and chromium-driver (make install does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def _cards(browser, count_at_least: int = 1):
+    WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) >= count_at_least)
+    return browser.find_elements(By.CSS_SELECTOR, ".card")
+
+
+def test_search_page(browser, live_server: str, tmp_path: Path) -> None:
+    browser.get(f"{live_server}/")
+    box = WebDriverWait(browser, 30).until(when.presence_of_element_located((By.ID, "query")))
+    box.send_keys("a red circle", Keys.ENTER)
+    cards = _cards(browser, 24)
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+        "return [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"))
+    assert "results for \"a red circle\"" in browser.find_element(By.ID, "status").text
+    captions = [c.find_element(By.CSS_SELECTOR, ".caption").text for c in cards]
+    assert all(caption for caption in captions)
+
+    cards[0].find_element(By.CSS_SELECTOR, "button.more").click()
+    WebDriverWait(browser, 30).until(lambda b: "images like" in b.find_element(By.ID, "status").text)
+    first_score = float(_cards(browser)[0].find_element(By.CSS_SELECTOR, ".meta span").text)
+    assert first_score > 0.99  # the item itself ranks first
+
+    upload = tmp_path / "query.png"
+    upload.write_bytes(png_bytes((30, 60, 220), (48, 48)))
+    browser.find_element(By.ID, "file").send_keys(str(upload))
+    WebDriverWait(browser, 30).until(lambda b: "query.png" in b.find_element(By.ID, "status").text)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
