@@ -11,6 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def _index(args: argparse.Namespace) -> int:
+    from indexer.ray_backend import RayOptions
     from indexer.reader import open_source
     from indexer.runner import IndexConfig, run_index
     from models.encoder import load_encoder
@@ -31,6 +32,10 @@ def _index(args: argparse.Namespace) -> int:
         use_gpu=not args.no_gpu,
         limits=ImageLimits(max_pixels=args.max_pixels, max_bytes=args.max_bytes),
         progress=not args.quiet,
+        backend=args.backend,
+        ray=RayOptions(model=args.model, pretrained=args.pretrained, address=args.ray_address,
+                       actors=args.ray_actors, batch_size=args.batch_size, device=args.device)
+        if args.backend == "ray" else None,
     )
     summary = run_index(source, encoder, config)
     print(summary.render())
@@ -56,5 +61,9 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--no-gpu", action="store_true", help="build the FAISS index on the CPU")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are rejected")
     parser.add_argument("--max-bytes", type=int, default=32 << 20, help="larger files are rejected")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="ray: decode and embed on a Ray cluster (GPU actors when it has GPUs)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: local instance)")
+    parser.add_argument("--ray-actors", type=int, default=2, help="embedding actors (one model each)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_index)

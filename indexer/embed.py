@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,9 +41,14 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# sha256 of a file -> (its vector, width, height), taken from the published index
+Previous = dict[str, tuple[np.ndarray, int, int]]
+
+
 @dataclass
-class _Prepared:
-    record: Record
+class Prepared:
+    """A file read, hashed and (unless its hash was known) decoded + preprocessed."""
+
     sha256: str = ""
     width: int = 0
     height: int = 0
@@ -50,46 +56,75 @@ class _Prepared:
     rejection: ImageRejected | None = None
 
 
-def _prepare(record: Record, preprocess: Callable[[Any], torch.Tensor], limits: ImageLimits,
-             known: Callable[[str], bool]) -> _Prepared:
-    """Read, hash and (unless the hash is known) decode + preprocess one file. Never raises."""
-    assert record.path is not None
+def prepare_file(path: Path, preprocess: Callable[[Any], torch.Tensor], limits: ImageLimits,
+                 known: Callable[[str], bool]) -> Prepared:
+    """Read, hash and (unless `known(hash)`) decode + preprocess one file. Never raises."""
     try:
-        size = record.path.stat().st_size
+        size = path.stat().st_size
         if size > limits.max_bytes:
             raise ImageRejected("too_large", f"file is {size:,} bytes, over {limits.max_bytes:,}")
-        data = record.path.read_bytes()
+        data = path.read_bytes()
     except ImageRejected as exc:
-        return _Prepared(record, rejection=exc)
+        return Prepared(rejection=exc)
     except OSError as exc:
-        return _Prepared(record, rejection=ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}"))
+        return Prepared(rejection=ImageRejected("unreadable", f"cannot read file: {exc.strerror or exc}"))
     sha = hashlib.sha256(data).hexdigest()
     if known(sha):
-        return _Prepared(record, sha)
+        return Prepared(sha)
     try:
         image = decode_image(data, limits)
-        return _Prepared(record, sha, image.width, image.height, preprocess(image))
+        return Prepared(sha, image.width, image.height, preprocess(image))
     except ImageRejected as exc:
-        return _Prepared(record, sha, rejection=exc)
+        return Prepared(sha, rejection=exc)
     except Exception as exc:  # noqa: BLE001 - one odd file must never end the run
-        logger.debug("unexpected error preparing %s", record.source, exc_info=True)
-        return _Prepared(record, sha, rejection=ImageRejected("invalid_image", f"cannot decode image: {exc}"))
+        logger.debug("unexpected error preparing %s", path, exc_info=True)
+        return Prepared(sha, rejection=ImageRejected("invalid_image", f"cannot decode image: {exc}"))
 
 
-def _ordered(pool: ThreadPoolExecutor, work: Callable[[Record], _Prepared], records: Iterable[Record],
-             window: int) -> Iterator[_Prepared]:
+def settle_without_file(record: Record) -> Outcome | None:
+    """The outcome of a record that needs no reading (a bad manifest row, a text-only label)."""
+    if record.problem is not None:
+        return Outcome(record, "rejected", reason=record.problem,
+                       message=_PROBLEMS.get(record.problem, record.problem))
+    if record.path is None:
+        return Outcome(record, "text")
+    return None
+
+
+def _prepare(record: Record, preprocess: Callable[[Any], torch.Tensor], limits: ImageLimits,
+             known: Callable[[str], bool]) -> tuple[Record, Prepared]:
+    assert record.path is not None
+    return record, prepare_file(record.path, preprocess, limits, known)
+
+
+def resolve(record: Record, sha: str, rejection: ImageRejected | None, fresh: bool, seen: dict[str, str],
+            previous: Previous) -> Outcome | None:
+    """The outcome of a read file unless it needs its new vector (None): rejected, a duplicate of a
+    file seen earlier in this run, or reused from the published index. Records it in `seen`."""
+    if rejection is not None:
+        return Outcome(record, "rejected", sha, reason=rejection.reason, message=rejection.message)
+    if sha in seen:
+        return Outcome(record, "duplicate", sha, extra={"of": seen[sha]})
+    seen[sha] = record.source
+    if not fresh:  # known from the published index: reuse its vector
+        vector, width, height = previous[sha]
+        return Outcome(record, "reused", sha, width, height, vector)
+    return None
+
+
+Work = tuple[Record, Prepared]
+
+
+def _ordered(pool: ThreadPoolExecutor, work: Callable[[Record], Work], records: Iterable[Record],
+             window: int) -> Iterator[Work]:
     """`pool.map` with at most `window` items in flight, so memory stays bounded on huge inputs."""
-    pending: deque[Future[_Prepared]] = deque()
+    pending: deque[Future[Work]] = deque()
     for record in records:
         pending.append(pool.submit(work, record))
         if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-# sha256 of a file -> (its vector, width, height), taken from the published index
-Previous = dict[str, tuple[np.ndarray, int, int]]
 
 
 class Embedder:
@@ -108,44 +143,31 @@ class Embedder:
     def _known(self, sha: str) -> bool:
         return sha in self.previous or sha in self.seen
 
-    def _finish(self, prepared: _Prepared) -> Outcome | None:
-        """Outcome for anything but a fresh image (None: it needs the model)."""
-        record = prepared.record
-        if prepared.rejection is not None:
-            return Outcome(record, "rejected", prepared.sha256, reason=prepared.rejection.reason,
-                           message=prepared.rejection.message)
-        if prepared.sha256 in self.seen:
-            return Outcome(record, "duplicate", prepared.sha256, extra={"of": self.seen[prepared.sha256]})
-        self.seen[prepared.sha256] = record.source
-        if prepared.pixels is None:  # known from the published index: reuse its vector
-            vector, width, height = self.previous[prepared.sha256]
-            return Outcome(record, "reused", prepared.sha256, width, height, vector)
-        return None
-
     def run(self, records: Iterable[Record]) -> Iterator[Outcome]:
         """Outcomes in input order (one per record)."""
-        batch: list[tuple[int, _Prepared]] = []
+        batch: list[tuple[int, Record, Prepared]] = []
         ready: dict[int, Outcome] = {}
         next_out = 0
 
         def flush() -> None:
-            pixels = torch.stack([p.pixels for _, p in batch if p.pixels is not None])
+            pixels = torch.stack([p.pixels for _, _, p in batch if p.pixels is not None])
             vectors = self.encoder.encode_image_tensors(pixels)
-            for (position, p), vector in zip(batch, vectors, strict=True):
-                ready[position] = Outcome(p.record, "embedded", p.sha256, p.width, p.height, vector)
+            for (position, record, p), vector in zip(batch, vectors, strict=True):
+                ready[position] = Outcome(record, "embedded", p.sha256, p.width, p.height, vector)
             batch.clear()
 
-        def work(record: Record) -> _Prepared:
+        def work(record: Record) -> Work:
             return _prepare(record, self.encoder.preprocess, self.limits, self._known)
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
             position = 0
-            for prepared in _ordered(pool, work, self._with_paths(records, ready), self.batch_size * 4):
+            for record, prepared in _ordered(pool, work, self._with_paths(records, ready), self.batch_size * 4):
                 while position in ready:  # rows that needed no reading (text, bad rows)
                     position += 1
-                outcome = self._finish(prepared)
+                outcome = resolve(record, prepared.sha256, prepared.rejection, prepared.pixels is not None,
+                                  self.seen, self.previous)
                 if outcome is None:
-                    batch.append((position, prepared))
+                    batch.append((position, record, prepared))
                     if len(batch) >= self.batch_size:
                         flush()
                 else:
@@ -166,13 +188,11 @@ class Embedder:
         """Pass on records that name a file; settle the others at once (in `ready`, by position)."""
         position = 0
         for record in records:
-            if record.problem is not None:
-                ready[position] = Outcome(record, "rejected", reason=record.problem,
-                                          message=_PROBLEMS.get(record.problem, record.problem))
-            elif record.path is None:
-                ready[position] = Outcome(record, "text")
-            else:
+            settled = settle_without_file(record)
+            if settled is None:
                 yield record
+            else:
+                ready[position] = settled
             position += 1
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from indexer import artifacts
 from indexer.build import build_index
 from indexer.embed import Embedder, Previous
+from indexer.ray_backend import RayOptions, run_ray
 from indexer.reader import Source
 from indexer.writer import ShardRow, ShardWriter, iter_shards, prepare_work_dir
 from models.images import ImageLimits
@@ -44,6 +45,8 @@ class IndexConfig:
     use_gpu: bool = True
     limits: ImageLimits = field(default_factory=ImageLimits)
     progress: bool = True
+    backend: str = "local"  # "local" | "ray"
+    ray: RayOptions | None = None  # with backend "ray": where, and which model the workers load
 
 
 @dataclass
@@ -220,7 +223,13 @@ def run_index(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     bar = tqdm(total=len(source.records), initial=len(source.records) - len(todo), unit="img",
                desc="index", disable=not config.progress, smoothing=0.1)
     embed_started = time.time()
-    for outcome in embedder.run(todo):
+    if config.backend == "ray":
+        if config.ray is None:
+            raise ValueError("backend 'ray' needs RayOptions (the model the workers load)")
+        outcomes = run_ray(todo, config.ray, previous, embedder.seen, config.limits)
+    else:
+        outcomes = embedder.run(todo)
+    for outcome in outcomes:
         writer.add(outcome)
         bar.update(1)
     writer.flush()
