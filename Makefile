@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/clipsearch
 STAMP := $(VENV)/.installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium chromium-driver
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji chromium chromium-driver nginx-light
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -16,7 +16,7 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install apt test lint model train eval index serve demo bench clean
+.PHONY: help install apt test lint model train eval index serve demo bench lb-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -72,6 +72,11 @@ bench: install ## measure: indexing images/s, then QPS/latency of a server under
 	trap "kill $$pid 2>/dev/null" EXIT; \
 	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(BENCH_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
 	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration 20
+
+LB_DURATION ?= 60
+lb-test: install ## nginx (docker/nginx.conf) + 3 replicas on loopback, load + SIGKILL/SIGTERM/restarts
+	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
+	$(CLI) lb-test --index build/bench-index --duration $(LB_DURATION) --clients 32
 
 clean: ## remove build outputs (keeps .venv and the committed default model)
 	rm -rf build runs .pytest_cache

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from app import bench, demo, serve
+from app import bench, demo, lbtest, serve
 from indexer import cli as index_cli
 from models import cli as model_cli
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_command(subparsers)
     demo.add_command(subparsers)
     bench.add_command(subparsers)
+    lbtest.add_command(subparsers)
     return parser
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return int(args.handler(args))
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         logging.getLogger("clipsearch").error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,40 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     from app.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                timeout_keep_alive=settings.keep_alive_s, log_level="info")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_keep_alive=settings.keep_alive_s,
+                            log_level="info")
+    DrainingServer(config, app.state, settings.drain_s).run()
     return 0
+
+
+class DrainingServer:
+    """uvicorn with a graceful SIGTERM: first /readyz turns 503 (app.state.draining) while the
+    server keeps answering, then after `drain_s` uvicorn stops accepting and finishes in-flight
+    requests. A load balancer thus stops sending before the listener closes. SIGINT and a second
+    SIGTERM stop at once."""
+
+    def __init__(self, config: Any, state: Any, drain_s: float) -> None:
+        import uvicorn
+
+        server = uvicorn.Server(config)
+        original = server.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            if sig == signal.SIGTERM and not state.draining and drain_s > 0:
+                state.draining = True
+                logging.getLogger(__name__).info("SIGTERM: draining for %.1f s, then stopping", drain_s)
+                timer = threading.Timer(drain_s, original, args=(sig, frame))
+                timer.daemon = True
+                timer.start()
+                return
+            original(sig, frame)
+
+        server.handle_exit = handle_exit  # type: ignore[method-assign]
+        self.server = server
+
+    def run(self) -> None:
+        self.server.run()
 
 
 def add_command(subparsers: Any) -> None:

@@ -36,4 +36,6 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
     reload_interval_s: float = Field(2.0, ge=0, description="index hot-reload poll period; 0 disables")
     keep_alive_s: int = Field(75, ge=1, description="idle keep-alive, longer than the proxy's upstream one")
+    drain_s: float = Field(2.0, ge=0, description="after SIGTERM: seconds of serving while /readyz says 503, "
+                           "before the listener closes (keep under the orchestrator's grace period)")
     thumbnail_size: int = Field(256, ge=16, le=1024)

@@ -1,0 +1,80 @@
+"""The deployment on loopback (RELIABILITY.md rows "deploy"): graceful SIGTERM of one server, and
+the short form of `make lb-test`: nginx with docker/nginx.conf in front of 3 replicas under load
+while one is SIGKILLed and restarted and another SIGTERMed and restarted: zero failed requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.lbtest import run_lb_test
+from indexer.reader import open_source
+from indexer.runner import IndexConfig, run_index
+from models import load_encoder
+from models.checkpoint import save_model_dir
+from models.encoder import create_model
+
+from ..conftest import TINY, make_shapes_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model dir, index dir) of a tiny model and a small index."""
+    root = tmp_path_factory.mktemp("deploy")
+    torch.manual_seed(0)
+    loaded = create_model(TINY)
+    model_dir = save_model_dir(root / "model", loaded.model, loaded.model_config, loaded.preprocess_config,
+                               {"architecture": TINY})
+    data = make_shapes_folder(root / "data", per_class=4)
+    run_index(open_source(data), load_encoder(model_dir, device="cpu"),
+              IndexConfig(out_dir=root / "index", progress=False))
+    return model_dir, root / "index"
+
+
+def test_sigterm_drains_then_exits(served: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, index = served
+    port = 18791
+    env = {**os.environ, "CLIPSEARCH_INDEX_DIR": str(index), "CLIPSEARCH_MODEL": str(model_dir),
+           "CLIPSEARCH_DRAIN_S": "2", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("wb"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # not ready, still listening
+        search = httpx.post(f"{base}/v1/search/text", json={"query": "a red circle"}, timeout=10)
+        assert search.status_code == 200  # and still serving while it drains
+        process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "draining" in (tmp_path / "server.log").read_text()
+
+
+def test_lb_short_form_zero_failures(served: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, index = served
+    report = run_lb_test(index, str(model_dir), tmp_path / "lb", replicas=3, base_port=18101, clients=16,
+                         duration_s=15, image_share=0.3)
+    assert report["failed"] == 0, report
+    assert report["sent"] > 100
+    assert len(report["events"]) == 5, report["events"]  # kill, restart, term, exit, restart
+    assert len(report["share"]) >= 2
