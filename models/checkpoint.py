@@ -38,10 +38,10 @@ def atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)`, fsync the file, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; published artefacts are read by other users
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; published artefacts are read by other users
         with open(tmp, "rb+") as fp:
             os.fsync(fp.fileno())
         os.replace(tmp, path)
