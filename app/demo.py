@@ -133,7 +133,8 @@ def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="index the stamps gallery, serve it, show example queries")
     parser.add_argument("--model", default="default", help="model to use (default: the embedded one)")
     parser.add_argument("--gallery", type=Path, default=STAMPS_ROOT, help="folder of images")
-    parser.add_argument("--out", type=Path, default=Path("indexes/demo"), help="index directory")
+    parser.add_argument("--out", type=Path, default=Path("indexes/default"),
+                        help="index directory (the one `make index` writes by default)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--query", action="append", help="a text query (repeatable; default: examples)")

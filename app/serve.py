@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import threading
@@ -26,15 +27,58 @@ def _serve(args: argparse.Namespace) -> int:
         for key, value in overrides.items():
             os.environ[f"CLIPSEARCH_{key.upper()}"] = str(value)
         uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, timeout_keep_alive=settings.keep_alive_s, log_level="info")
+                    workers=settings.workers, timeout_keep_alive=settings.keep_alive_s, log_level="info",
+                    http=coalescing_protocol())
         return 0
     from app.main import create_app
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_keep_alive=settings.keep_alive_s,
-                            log_level="info")
+                            log_level="info", http=coalescing_protocol())
     DrainingServer(config, app.state, settings.drain_s).run()
     return 0
+
+
+class _CoalescingTransport:
+    """Collects the writes of one event-loop turn and sends them as one: uvicorn writes a
+    response's head and body separately, and a replica killed between the two leaves the load
+    balancer holding a response head it can no longer retry. One write leaves no such gap."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def coalescing_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol writing each response (head + body) in a single send."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class CoalescingH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            wrapped: Any = _CoalescingTransport(transport, self.loop)
+            super().connection_made(wrapped)
+
+    return CoalescingH11Protocol
 
 
 class DrainingServer:
