@@ -57,8 +57,9 @@ class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 
 
-class PayloadTooLarge(ServiceError):
-    status, type = 413, "payload_too_large"
+class BodyTooLarge(Exception):
+    """Raised from inside `receive` when a streamed body passes the limit; the body-limit
+    middleware turns it into a 413. Parsers above it must let it through."""
 
 
 class Overloaded(ServiceError):

@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body, install_error_handlers
+from app.errors import BodyTooLarge, error_body, install_error_handlers
 from app.observability import Metrics
 from app.routes import embed, health, items, search
 from app.search import SearchService, load_serving_index
@@ -71,7 +71,7 @@ class BodyLimit:
             if incoming["type"] == "http.request":
                 received += len(incoming.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge()
+                    raise BodyTooLarge()
             return incoming
 
         async def tracking_send(outgoing: Message) -> None:
@@ -82,13 +82,9 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLarge:
             if not started:
                 await _json_error(send, 413, "payload_too_large", message)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Observe:

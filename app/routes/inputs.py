@@ -11,7 +11,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from app.errors import BodyTooLarge, InvalidInput, UnsupportedMediaType, ValidationFailed
 
 MULTIPART_FIELDS_LIMIT = 32
 
@@ -49,7 +49,7 @@ async def read_image_request(request: Request, json_model: type[BaseModel],
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=1, max_fields=MULTIPART_FIELDS_LIMIT)
-        except PayloadTooLarge:
+        except BodyTooLarge:
             raise
         except Exception as exc:  # noqa: BLE001 - malformed multipart bodies are the client's
             raise InvalidInput(f"malformed multipart body: {type(exc).__name__}") from None

@@ -226,6 +226,16 @@ async def test_body_limit_413_with_and_without_content_length(index_dir, app_enc
         response = await client.post("/v1/embed/image", content=chunks(), headers={"content-type": "application/json"})
         _assert_error(response, 413, "payload_too_large")
 
+        async def multipart_chunks():
+            yield b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+            for _ in range(10):
+                yield b"z" * 1000
+            yield b"\r\n--xx--\r\n"
+
+        response = await client.post("/v1/search/image", content=multipart_chunks(),
+                                     headers={"content-type": "multipart/form-data; boundary=xx"})
+        _assert_error(response, 413, "payload_too_large")
+
 
 async def test_health_ready_metrics_docs(index_dir, app_encoder) -> None:
     async with running(settings_for(index_dir), app_encoder) as (client, _):
