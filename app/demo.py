@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,20 +41,6 @@ def _start_server(app: Any, host: str, port: int) -> tuple[Any, threading.Thread
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     return server, thread
-
-
-def _wait_ready(base: str, timeout_s: float = 120) -> None:
-    import httpx
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server at {base} did not become ready in {timeout_s:.0f} s")
 
 
 def _curl(base: str, path: str, body: dict[str, Any]) -> str:
@@ -93,6 +78,7 @@ def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> 
 
 def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries: Sequence[str], k: int,
              markdown: bool, serve: bool) -> int:
+    from app.lbtest import wait_http
     from app.main import create_app
     from app.settings import Settings
     from indexer.reader import open_source
@@ -109,7 +95,7 @@ def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries
     server, thread = _start_server(create_app(settings, encoder=encoder), host, port)
     base = f"http://{host}:{port}"
     try:
-        _wait_ready(base)
+        wait_http(f"{base}/readyz", 120)
         print(show_examples(base, queries, k, markdown))
         if serve:
             print(f"\nSearch page: {base}/   API docs: {base}/docs   (Ctrl-C to stop)")

@@ -45,7 +45,8 @@ class Replica:
         self.process.send_signal(sig)
 
 
-def _wait_http(url: str, timeout_s: float) -> None:
+def wait_http(url: str, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; RuntimeError after `timeout_s`."""
     import httpx
 
     deadline = time.time() + timeout_s
@@ -180,10 +181,10 @@ def run_lb_test(index: Path, model: str, work: Path, replicas: int, base_port: i
         for replica in pool:
             replica.start()
         for replica in pool:
-            _wait_http(f"http://127.0.0.1:{replica.port}/readyz", startup_s)
+            wait_http(f"http://127.0.0.1:{replica.port}/readyz", startup_s)
         nginx = start_nginx(work, [r.port for r in pool])
         base = f"http://127.0.0.1:{LB_PORT}"
-        _wait_http(f"{base}/lb-health", 20)
+        wait_http(f"{base}/lb-health", 20)
         report, events = asyncio.run(_run(base, pool, clients, duration_s, image_share, startup_s))
         report["events"] = events
         report["replicas"] = replicas

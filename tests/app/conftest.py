@@ -6,7 +6,6 @@ import contextlib
 import io
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import uvicorn
 from PIL import Image
 
+from app.lbtest import wait_http
 from app.main import create_app
 from app.settings import Settings
 from indexer.reader import open_source
@@ -87,13 +87,7 @@ def live_server(index_dir: Path, app_encoder):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    wait_http(f"{base}/readyz", 60)
     yield base
     server.should_exit = True
     thread.join(10)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from app.lbtest import run_lb_test
+from app.lbtest import run_lb_test, wait_http
 from indexer.reader import open_source
 from indexer.runner import IndexConfig, run_index
 from models import load_encoder
@@ -50,13 +50,7 @@ def test_sigterm_drains_then_exits(served: tuple[Path, Path], tmp_path: Path) ->
                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("wb"))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_http(f"{base}/readyz", 120)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # not ready, still listening
