@@ -92,3 +92,12 @@ def test_split_is_by_image_and_deterministic(shapes_folder: Path) -> None:
     assert held == again_held and train == again_train
     assert not {p.image for p in train} & {p.image for p in held}
     assert 0.1 < len(held) / len(pairs.pairs) < 0.4
+
+
+def test_rows_pinned_to_train_are_never_held_out(tmp_path: Path) -> None:
+    rows = [{"image": f"{i}.png", "caption": f"c{i}", "split": "train"} for i in range(200)]
+    rows += [{"image": f"x{i}.png", "caption": f"d{i}"} for i in range(200)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held = split_pairs(read_pairs(tmp_path / "m.jsonl"), 0.5)
+    assert held and all(p.image.name.startswith("x") for p in held)
+    assert sum(p.image.name[0].isdigit() for p in train) == 200
