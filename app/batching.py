@@ -87,6 +87,15 @@ class DynamicBatcher(Generic[T]):
                 pending.future.set_exception(error)
 
     # -- requests ------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Refuse at once when the queue is full: call before any costly preparation (decoding an
+        upload), so excess load is shed in microseconds instead of after the work."""
+        if not self.alive:
+            raise NotReady(f"the {self.modality} model worker is not running")
+        if self.queue.full():
+            self.metrics.rejected.labels(self.modality, "queue_full").inc()
+            raise Overloaded(f"too many {self.modality} requests queued; retry shortly")
+
     async def submit(self, item: T, timeout_s: float) -> np.ndarray:
         """Queue one item and wait for its row `(D,)`. Raises Overloaded, NotReady, DeadlineExceeded,
         ModelFailure."""

@@ -31,15 +31,21 @@ class LoadReport:
     failed: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    ok_latencies: list[float] = field(default_factory=list)
+    shed_latencies: list[float] = field(default_factory=list)  # 429 answers: how fast excess is refused
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        ok = np.array(self.ok_latencies) * 1000 if self.ok_latencies else np.zeros(1)
+        shed = np.array(self.shed_latencies) * 1000 if self.shed_latencies else np.zeros(1)
         return {
             "sent": self.sent, "ok": self.ok, "failed": self.failed, "statuses": self.statuses,
             "seconds": round(self.seconds, 1), "qps": round(self.ok / self.seconds, 1) if self.seconds else 0,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "accepted_p99_ms": round(float(np.percentile(ok, 99)), 1),
+            "shed": len(self.shed_latencies), "shed_p99_ms": round(float(np.percentile(shed, 99)), 1),
         }
 
 
@@ -80,9 +86,13 @@ async def drive(base: str, clients: int, duration_s: float, image_share: float, 
                 status = response.status_code
             except httpx.HTTPError:
                 status = 0
-            report.latencies.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            report.latencies.append(elapsed)
             report.statuses[status] = report.statuses.get(status, 0) + 1
+            if status == 429:
+                report.shed_latencies.append(elapsed)
             if status == 200:
+                report.ok_latencies.append(elapsed)
                 report.ok += 1
             else:
                 report.failed += 1

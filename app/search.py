@@ -117,6 +117,7 @@ class SearchService:
         for text in texts:
             if len(text) > self.settings.max_text_chars:
                 raise InvalidInput(f"text longer than {self.settings.max_text_chars} characters")
+        self.text_batcher.admit()
         timeout = self.settings.request_timeout_s
         rows = await asyncio.gather(*(self.text_batcher.submit(t, timeout) for t in texts))
         return np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)
@@ -135,6 +136,7 @@ class SearchService:
         return pixels
 
     async def embed_image_bytes(self, data: bytes) -> np.ndarray:
+        self.image_batcher.admit()  # shed before decoding, not after
         pixels = await asyncio.get_running_loop().run_in_executor(None, self.prepare_image, data)
         return await self.image_batcher.submit(pixels, self.settings.request_timeout_s)
 
