@@ -99,14 +99,9 @@ class DynamicBatcher(Generic[T]):
     async def submit(self, item: T, timeout_s: float) -> np.ndarray:
         """Queue one item and wait for its row `(D,)`. Raises Overloaded, NotReady, DeadlineExceeded,
         ModelFailure."""
-        if not self.alive:
-            raise NotReady(f"the {self.modality} model worker is not running")
+        self.admit()  # no await between this check and the put: the queue cannot fill meanwhile
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait(_Pending(item, future, time.monotonic() + timeout_s))
-        except asyncio.QueueFull:
-            self.metrics.rejected.labels(self.modality, "queue_full").inc()
-            raise Overloaded(f"too many {self.modality} requests queued; retry shortly") from None
+        self.queue.put_nowait(_Pending(item, future, time.monotonic() + timeout_s))
         self.metrics.queue_depth.labels(self.modality).set(self.queue.qsize())
         return await future  # cancelled with the request when the client goes away
 

@@ -8,7 +8,6 @@ as exactly one of indexed (embedded or reused), duplicate, rejected (by reason) 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -26,6 +25,7 @@ from indexer.embed import Embedder, Previous
 from indexer.ray_backend import RayOptions, run_ray
 from indexer.reader import Source
 from indexer.writer import ShardRow, ShardWriter, iter_shards, prepare_work_dir
+from models.checkpoint import write_jsonl, write_npy
 from models.images import ImageLimits
 
 logger = logging.getLogger(__name__)
@@ -131,23 +131,6 @@ def _collect(work_dir: Path, dim: int) -> tuple[list[ShardRow], np.ndarray]:
             parts.append(vectors)
             offset += len(vectors)
     return rows, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from models.checkpoint import atomic_write
-
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    from models.checkpoint import atomic_write
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as fp:
-            np.save(fp, array)
-
-    atomic_write(path, write)
 
 
 def _tables(rows: list[ShardRow]) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -259,11 +242,11 @@ def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: n
     text_vectors = encoder.encode_texts([t["text"] for t in texts])
     text_index, text_plan = build_index(text_vectors, None, config.memory_budget_bytes, config.use_gpu)
     stored = image_vectors.astype(np.float16 if config.float16 else np.float32)
-    _save_array(version / "embeddings.npy", stored)
-    _save_array(version / "text_embeddings.npy", text_vectors.astype(np.float32))
-    _write_jsonl(version / "metadata.jsonl", metadata)
-    _write_jsonl(version / "texts.jsonl", texts)
-    _write_jsonl(version / "rejects.jsonl", rejects)
+    write_npy(version / "embeddings.npy", stored)
+    write_npy(version / "text_embeddings.npy", text_vectors.astype(np.float32))
+    write_jsonl(version / "metadata.jsonl", metadata)
+    write_jsonl(version / "texts.jsonl", texts)
+    write_jsonl(version / "rejects.jsonl", rejects)
     artifacts.write_faiss(image_index, version / "image.faiss")
     artifacts.write_faiss(text_index, version / "text.faiss")
     manifest = {

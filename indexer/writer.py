@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from indexer.embed import Outcome
-from models.checkpoint import atomic_write, write_json
+from models.checkpoint import write_json, write_jsonl, write_npy
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +74,10 @@ class ShardWriter:
             return
         stem = self.work_dir / f"shard_{self.next_index:05d}"
         vectors = np.stack(self.vectors) if self.vectors else np.zeros((0, 0), np.float32)
-        atomic_write(stem.with_suffix(".npy"), lambda tmp: _save_npy(tmp, vectors))
-        text = "".join(json.dumps(row.__dict__, ensure_ascii=False) + "\n" for row in self.rows)
-        atomic_write(stem.with_suffix(".jsonl"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_npy(stem.with_suffix(".npy"), vectors)
+        write_jsonl(stem.with_suffix(".jsonl"), (row.__dict__ for row in self.rows))
         self.next_index += 1
         self.rows, self.vectors = [], []
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with path.open("wb") as fp:
-        np.save(fp, array)
 
 
 def iter_shards(work_dir: Path) -> Iterator[tuple[list[ShardRow], np.ndarray]]:

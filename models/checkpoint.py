@@ -55,6 +55,21 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
+def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_npy(path: Path, array: Any) -> None:
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fp:
+            np.save(fp, array)
+
+    atomic_write(path, write)
+
+
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
