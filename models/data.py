@@ -197,6 +197,13 @@ def split_key(image: Path, root: Path) -> str:
     return str(relative.with_name(stem))
 
 
+def pair_split_key(pair: Pair, root: Path) -> str:
+    """A pair's split key: its `group` column when set (rows of one group, such as two drawings
+    of one object, always land on the same side), else its image's `split_key`."""
+    group = pair.extra.get("group")
+    return str(group) if group else split_key(pair.image, root)
+
+
 def is_held_out(key: str, fraction: float, seed: int = 0) -> bool:
     """Deterministic membership of the held-out split, stable across runs and machines."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
@@ -212,7 +219,7 @@ def split_pairs(pair_set: PairSet, fraction: float, seed: int = 0) -> tuple[list
     train: list[Pair] = []
     held: list[Pair] = []
     for pair in pair_set.pairs:
-        key = split_key(pair.image, pair_set.root)
+        key = pair_split_key(pair, pair_set.root)
         pinned = pair.extra.get("split") == "train"
         (held if not pinned and is_held_out(key, fraction, seed) else train).append(pair)
     return train, held

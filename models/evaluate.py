@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from models.data import PairSet, is_held_out, split_key
+from models.data import PairSet, is_held_out, pair_split_key
 from models.encoder import DualEncoder
 from models.images import ImageRejected, load_image
 from models.metrics import DEFAULT_KS, retrieval_recall
@@ -31,7 +31,7 @@ class EvalReport:
 
 def held_out_only(pair_set: PairSet, fraction: float, seed: int = 0) -> PairSet:
     """The pairs the trainer holds out with the same `fraction` and `seed`."""
-    kept = [p for p in pair_set.pairs if is_held_out(split_key(p.image, pair_set.root), fraction, seed)]
+    kept = [p for p in pair_set.pairs if is_held_out(pair_split_key(p, pair_set.root), fraction, seed)]
     return PairSet(kept, pair_set.root, Counter(pair_set.skipped))
 
 

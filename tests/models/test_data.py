@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.data import read_pairs, split_pairs
+from models.evaluate import held_out_only
 
 
 def test_captioned_folder(shapes_folder: Path) -> None:
@@ -101,3 +102,17 @@ def test_rows_pinned_to_train_are_never_held_out(tmp_path: Path) -> None:
     train, held = split_pairs(read_pairs(tmp_path / "m.jsonl"), 0.5)
     assert held and all(p.image.name.startswith("x") for p in held)
     assert sum(p.image.name[0].isdigit() for p in train) == 200
+
+
+def test_rows_of_one_group_share_a_side_of_the_split(tmp_path: Path) -> None:
+    # Two drawings of each object: grouped, they never straddle the split (no held-out leak).
+    rows = [{"image": f"{style}-{i}.png", "caption": f"object {i}", "group": f"object-{i}"}
+            for i in range(100) for style in ("a", "b")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pair_set = read_pairs(tmp_path / "m.jsonl")
+    train, held = split_pairs(pair_set, 0.5)
+    assert held and train
+    held_groups = {p.extra["group"] for p in held}
+    assert not held_groups & {p.extra["group"] for p in train}
+    assert len(held) == 2 * len(held_groups)
+    assert {p.image for p in held_out_only(pair_set, 0.5).pairs} == {p.image for p in held}
