@@ -211,7 +211,8 @@ def is_held_out(key: str, fraction: float, seed: int = 0) -> bool:
 
 
 def split_pairs(pair_set: PairSet, fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out) by image, so all captions of one image land on the same side.
+    """(train, held-out) by image (or by `group`, see `pair_split_key`), so all captions of one
+    image land on the same side.
 
     A row whose `split` column says "train" is always trained on (extra data that is never part
     of the evaluation set).
