@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.workers,
         cache_images=not args.no_cache,
-        augment=AugmentConfig() if not args.no_augment else AugmentConfig(
+        augment=AugmentConfig(trivial_augment=args.trivial_augment) if not args.no_augment else AugmentConfig(
             scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.0, grayscale=0.0
         ),
         device=args.device,
@@ -158,7 +158,10 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     train.add_argument("--no-cache", action="store_true", help="re-read images every epoch")
-    train.add_argument("--no-augment", action="store_true", help="plain resize, no augmentation")
+    augment = train.add_mutually_exclusive_group()
+    augment.add_argument("--no-augment", action="store_true", help="plain resize, no augmentation")
+    augment.add_argument("--trivial-augment", action="store_true",
+                         help="add TrivialAugment (strong; worth it with long schedules)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 

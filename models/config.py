@@ -15,6 +15,9 @@ class AugmentConfig:
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
     grayscale: float = 0.05  # probability of converting to greyscale
+    # TrivialAugment (one random op of random strength per image): a strong regulariser that pays
+    # off only with long schedules.
+    trivial_augment: bool = False
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,9 @@ def train_transform(preprocess_config: dict[str, Any], augment: AugmentConfig) -
         steps.append(transforms.ColorJitter(j, j, j, min(0.5, j / 4)))
     if augment.grayscale:
         steps.append(transforms.RandomGrayscale(augment.grayscale))
+    if augment.trivial_augment:
+        fill = int(preprocess_config.get("fill_color", 0))
+        steps.append(transforms.TrivialAugmentWide(fill=[fill] * 3))  # rotations/shears expose this colour
     steps += [
         transforms.ToTensor(),
         transforms.Normalize(preprocess_config["mean"], preprocess_config["std"]),

@@ -136,3 +136,22 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
     history = json.loads((killed / "metrics.json").read_text())["epochs"]
     assert [e["epoch"] for e in history] == list(range(1, 7))
+
+
+def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None:
+    from PIL import Image
+    from torchvision import transforms
+
+    from models.train import train_transform
+
+    preprocess = {"size": 32, "resize_mode": "longest", "fill_color": 255, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    plain = train_transform(preprocess, AugmentConfig())
+    assert not any(isinstance(t, transforms.TrivialAugmentWide) for t in plain.transforms)
+    strong = train_transform(preprocess, AugmentConfig(trivial_augment=True))
+    (trivial,) = [t for t in strong.transforms if isinstance(t, transforms.TrivialAugmentWide)]
+    assert trivial.fill == [255, 255, 255]  # rotated-in corners match the white padding, not black
+    # It runs before the tensor conversion, on every image, and keeps the output shape.
+    assert strong.transforms.index(trivial) < [type(t) for t in strong.transforms].index(transforms.ToTensor)
+    torch.manual_seed(0)
+    outputs = {tuple(strong(Image.new("RGB", (40, 20), (200, 30, 30))).shape) for _ in range(20)}
+    assert outputs == {(3, 32, 32)}
