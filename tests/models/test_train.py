@@ -150,7 +150,7 @@ def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None
     strong = train_transform(preprocess, AugmentConfig(trivial_augment=True))
     (trivial,) = [t for t in strong.transforms if isinstance(t, transforms.TrivialAugmentWide)]
     assert trivial.fill == [255, 255, 255]  # rotated-in corners match the white padding, not black
-    # It runs before the tensor conversion, on every image, and keeps the output shape.
+    # It works on the PIL image, before the tensor conversion, and keeps the output shape.
     assert strong.transforms.index(trivial) < [type(t) for t in strong.transforms].index(transforms.ToTensor)
     torch.manual_seed(0)
     outputs = {tuple(strong(Image.new("RGB", (40, 20), (200, 30, 30))).shape) for _ in range(20)}
