@@ -24,6 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from models import checkpoint, registry
+from models.load_noise import quiet_model_build
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +195,13 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> Loade
     model_config = registry.resolve_text_tower(config["model_cfg"], hub_id)
     name = registry.register_config(model_config)
     partial = weights_path.name != checkpoint.FULL_WEIGHTS_NAME
-    model = open_clip.create_model(
-        name,
-        pretrained=None if partial else str(weights_path),
-        pretrained_text=partial,  # partial dirs take the frozen text tower from its own weights
-        device="cpu",
-    )
+    with quiet_model_build(partial_load=partial):
+        model = open_clip.create_model(
+            name,
+            pretrained=None if partial else str(weights_path),
+            pretrained_text=partial,  # partial dirs take the frozen text tower from its own weights
+            device="cpu",
+        )
     if partial:
         state = checkpoint.load_weights(weights_path)
         reference = model.state_dict()
@@ -243,7 +245,8 @@ def create_model(
         resolved = registry.resolve_text_tower(model_config)
         if resolved != model_config:  # the text tower's weights come from a local package
             name = registry.register_config(resolved)
-        built = open_clip.create_model(name, pretrained=pretrained, device=device)
+        with quiet_model_build():
+            built = open_clip.create_model(name, pretrained=pretrained, device=device)
         architecture = str(model) if not pretrained else f"{model}:{Path(pretrained).name}"
         model_config = resolved
     return LoadedModel(
