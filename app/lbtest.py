@@ -44,13 +44,25 @@ class Replica:
         assert self.process is not None
         self.process.send_signal(sig)
 
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until /readyz answers 200. A replica that exits or stays unready fails at once with the
+        end of its log, so the cause (a taken port, a bad model path) is in the error itself."""
+        try:
+            wait_http(f"http://127.0.0.1:{self.port}/readyz", timeout_s, self.process)
+        except RuntimeError as exc:
+            tail = self.log.read_text(errors="replace").splitlines()[-15:] if self.log.exists() else []
+            raise RuntimeError("\n".join([f"replica :{self.port}: {exc}; the end of its log:", *tail])) from None
 
-def wait_http(url: str, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; RuntimeError after `timeout_s`."""
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `url` until it answers 200; RuntimeError after `timeout_s`, or as soon as `process`
+    (the server behind `url`, when given) has exited."""
     import httpx
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before {url} answered 200")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -58,6 +70,30 @@ def wait_http(url: str, timeout_s: float) -> None:
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+def free_port_block(count: int, low: int = 20000, high: int = 32000) -> int:
+    """The first port of `count` consecutive ports that nothing listens on, from below the kernel's
+    usual ephemeral range (32768+), where a client's source port could otherwise take one."""
+    import random
+    import socket
+
+    starts = list(range(low, high - count, count))
+    random.shuffle(starts)  # two runs at once rarely pick the same block
+    for start in starts:
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
 
 
 def start_nginx(work: Path, ports: list[int]) -> subprocess.Popen[bytes]:
@@ -181,10 +217,14 @@ def run_lb_test(index: Path, model: str, work: Path, replicas: int, base_port: i
         for replica in pool:
             replica.start()
         for replica in pool:
-            wait_http(f"http://127.0.0.1:{replica.port}/readyz", startup_s)
+            replica.wait_ready(startup_s)
         nginx = start_nginx(work, [r.port for r in pool])
         base = f"http://127.0.0.1:{LB_PORT}"
-        wait_http(f"{base}/lb-health", 20)
+        try:
+            wait_http(f"{base}/lb-health", 20, nginx)
+        except RuntimeError as exc:
+            log = (work / "nginx.log").read_text(errors="replace").strip()
+            raise RuntimeError(f"nginx on :{LB_PORT}: {exc}; its log: {log or '(empty)'}") from None
         report, events = asyncio.run(_run(base, pool, clients, duration_s, image_share, startup_s))
         report["events"] = events
         report["replicas"] = replicas
@@ -201,7 +241,8 @@ def run_lb_test(index: Path, model: str, work: Path, replicas: int, base_port: i
 
 
 def _handle(args: argparse.Namespace) -> int:
-    report = run_lb_test(args.index, args.model, args.work, args.replicas, args.base_port, args.clients,
+    base_port = args.base_port or free_port_block(args.replicas)
+    report = run_lb_test(args.index, args.model, args.work, args.replicas, base_port, args.clients,
                          args.duration, args.image_share)
     events = report.pop("events")
     print("\n".join(["fault timeline:", *("  " + e for e in events)]))
@@ -215,7 +256,7 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--model", default="default", help="the model the index was built with")
     parser.add_argument("--work", type=Path, default=Path("build/lb-test"), help="logs and nginx prefix")
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--base-port", type=int, default=18001, help="replica ports start here")
+    parser.add_argument("--base-port", type=int, default=18001, help="replica ports start here (0: a free block)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--image-share", type=float, default=0.3)

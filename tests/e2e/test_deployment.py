@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from app.lbtest import run_lb_test, wait_http
+from app.lbtest import Replica, free_port_block, run_lb_test, wait_http
 from indexer.reader import open_source
 from indexer.runner import IndexConfig, run_index
 from models import load_encoder
@@ -43,14 +43,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_sigterm_drains_then_exits(served: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, index = served
-    port = 18791
+    port = free_port_block(1)
     env = {**os.environ, "CLIPSEARCH_INDEX_DIR": str(index), "CLIPSEARCH_MODEL": str(model_dir),
            "CLIPSEARCH_DRAIN_S": "2", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("wb"))
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{base}/readyz", 120)
+        wait_http(f"{base}/readyz", 120, process)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # not ready, still listening
@@ -66,9 +66,30 @@ def test_sigterm_drains_then_exits(served: tuple[Path, Path], tmp_path: Path) ->
 
 def test_lb_short_form_zero_failures(served: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, index = served
-    report = run_lb_test(index, str(model_dir), tmp_path / "lb", replicas=3, base_port=18101, clients=16,
-                         duration_s=15, image_share=0.3)
+    report = run_lb_test(index, str(model_dir), tmp_path / "lb", replicas=3, base_port=free_port_block(3),
+                         clients=16, duration_s=15, image_share=0.3)
     assert report["failed"] == 0, report
     assert report["sent"] > 100
     assert len(report["events"]) == 5, report["events"]  # kill, restart, term, exit, restart
     assert len(report["share"]) >= 2
+
+
+def test_a_replica_that_cannot_start_fails_at_once_with_its_log(served: tuple[Path, Path], tmp_path: Path) -> None:
+    _, index = served
+    port = free_port_block(1)
+    env = {**os.environ, "CLIPSEARCH_INDEX_DIR": str(index), "CLIPSEARCH_MODEL": str(tmp_path / "no-such-model"),
+           "PYTHONPATH": str(ROOT)}
+    replica = Replica(port, env, tmp_path / "replica.log")
+    replica.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            replica.wait_ready(timeout_s=120)
+    finally:
+        assert replica.process is not None
+        if replica.process.poll() is None:
+            replica.process.kill()
+    assert time.monotonic() - started < 100  # it did not sit out the timeout
+    message = str(info.value)
+    assert f"replica :{port}" in message and "exited" in message
+    assert "no-such-model" in message  # the cause, from the replica's own log
