@@ -10,11 +10,33 @@ import threading
 from pathlib import Path
 from typing import Any
 
+# Startup errors whose message says all there is to say: a missing model, an index made with
+# another model, a bad setting. Anything else keeps its traceback, since that is a bug to report.
+SELF_EXPLAINING = ("FileNotFoundError", "KeyError", "ValueError", "NotReady", "InvalidIndex", "FingerprintMismatch")
+
+
+class StartupErrorInOneLine(logging.Filter):
+    """uvicorn logs the whole traceback of a failed lifespan startup. For the self-explaining
+    errors, keep only what went wrong: "cannot start: model directory /x not found"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Traceback (most recent call last)"):
+            kind, _, text = message.rstrip().splitlines()[-1].partition(": ")
+            kind = kind.rsplit(".", 1)[-1]
+            if kind in SELF_EXPLAINING:
+                if kind == "KeyError":  # str(KeyError) is the repr of its message
+                    text = text[1:-1] if text[:1] in "'\"" and text[:1] == text[-1:] else text
+                record.msg, record.args = f"cannot start: {text}", ()
+        return True
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.settings import Settings
+
+    logging.getLogger("uvicorn.error").addFilter(StartupErrorInOneLine())
 
     overrides = {k: v for k, v in {"index_dir": args.index, "model": args.model, "host": args.host,
                                    "port": args.port, "workers": args.workers, "device": args.device}.items()

@@ -224,6 +224,22 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> Loade
     )
 
 
+def _refuse_paths_that_are_not_model_dirs(name: str, path: Path) -> None:
+    """A path that names no model directory gets an error that says so, rather than "unknown
+    architecture". Bare names stay architecture names even when a folder of that name exists;
+    open_clip's own schemes contain slashes too and are left to open_clip."""
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return
+    if not ("/" in name or "\\" in name or name.startswith((".", "~"))):
+        return
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is not a model directory: it has no {checkpoint.CONFIG_NAME}")
+    if path.is_file():
+        raise ValueError(f"{path} is a file: pass a checkpoint file as `pretrained`, with its architecture "
+                         "as the model (load_encoder('ViT-B-32', 'file.pt'); --model ViT-B-32 --pretrained file.pt)")
+    raise FileNotFoundError(f"model directory {path} not found")
+
+
 def create_model(
     model: str | Path = "default",
     pretrained: str | None = None,
@@ -236,6 +252,7 @@ def create_model(
     if path.is_dir() and (path / checkpoint.CONFIG_NAME).is_file():
         return load_model_dir(path, device)
     name = str(model)
+    _refuse_paths_that_are_not_model_dirs(name, path)
     if name.startswith(("local-dir:", "hf-hub:")):
         built = open_clip.create_model(name, device=device)
         model_config: dict[str, Any] = {}

@@ -92,6 +92,13 @@ def test_unknown_sources_raise_clear_errors(tmp_path: Path) -> None:
         load_encoder("no-such-architecture", device="cpu")
     with pytest.raises((FileNotFoundError, RuntimeError)):
         load_encoder(TINY, pretrained=str(tmp_path / "missing.pt"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="model directory .*missing-model not found"):
+        load_encoder(str(tmp_path / "missing-model"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="is not a model directory: it has no open_clip_config.json"):
+        load_encoder(str(tmp_path), device="cpu")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="pass a checkpoint file as `pretrained`"):
+        load_encoder(str(tmp_path / "weights.pt"), device="cpu")
 
 
 def test_fingerprint_identifies_weights(tiny_encoder) -> None:

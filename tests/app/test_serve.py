@@ -1,0 +1,52 @@
+"""`clipsearch serve` at the edge: a server that cannot start says why in one line, and a real
+bug still shows its traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from app.errors import NotReady
+from app.serve import StartupErrorInOneLine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _traceback_record(error: BaseException) -> logging.LogRecord:
+    try:
+        raise error
+    except BaseException:  # noqa: BLE001 - the traceback text is what uvicorn logs
+        text = traceback.format_exc()
+    return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, text, (), None)
+
+
+def test_self_explaining_startup_errors_shrink_to_one_line() -> None:
+    cases = [
+        (NotReady("index abc was made with model X, not Y"), "cannot start: index abc was made with model X, not Y"),
+        (KeyError("unknown architecture 'nope'; known: A, B"), "cannot start: unknown architecture 'nope'; known: A, B"),
+        (FileNotFoundError("model directory /m not found"), "cannot start: model directory /m not found"),
+    ]
+    for error, expected in cases:
+        record = _traceback_record(error)
+        assert StartupErrorInOneLine().filter(record)
+        assert record.getMessage() == expected
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    record = _traceback_record(ZeroDivisionError("division by zero"))
+    assert StartupErrorInOneLine().filter(record)
+    assert record.getMessage().startswith("Traceback (most recent call last)")
+
+
+def test_serve_with_a_missing_model_exits_with_one_clear_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--model", str(tmp_path / "no-model"), "--index", str(tmp_path),
+         "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"cannot start: model directory {tmp_path / 'no-model'} not found" in done.stderr
+    assert "Traceback" not in done.stderr
