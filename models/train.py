@@ -279,10 +279,11 @@ def evaluate_pairs(
 
 
 def soft_targets(examples: Examples, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, N) targets over the caption bank: uniform over each image's own captions."""
+    """(B, N) targets over the caption bank: uniform over each image's own distinct captions (a
+    manifest that repeats a row must not leave the row summing to less than 1)."""
     targets = torch.zeros(len(image_ids), len(examples.captions), device=device)
     for row, image_id in enumerate(image_ids.tolist()):
-        captions = examples.captions_of[image_id]
+        captions = sorted(set(examples.captions_of[image_id]))
         targets[row, captions] = 1.0 / len(captions)
     return targets
 

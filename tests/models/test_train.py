@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from models import load_encoder
 from models.checkpoint import FULL_WEIGHTS_NAME
 from models.config import AugmentConfig, TrainConfig
-from models.data import read_pairs
+from models.data import Pair, read_pairs
 from models.encoder import create_model
-from models.train import Trainer
+from models.train import Examples, Trainer, soft_targets
 
 from ..conftest import TINY, make_shapes_folder
 
@@ -155,3 +155,11 @@ def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None
     torch.manual_seed(0)
     outputs = {tuple(strong(Image.new("RGB", (40, 20), (200, 30, 30))).shape) for _ in range(20)}
     assert outputs == {(3, 32, 32)}
+
+
+def test_caption_bank_targets_spread_evenly_over_distinct_captions() -> None:
+    a, b = Path("/a.png"), Path("/b.png")
+    # a repeated row (a, "x") must neither double "x" nor leave a's row summing to less than 1
+    examples = Examples.from_pairs([Pair(a, "x"), Pair(a, "x"), Pair(a, "y"), Pair(b, "y")])
+    targets = soft_targets(examples, torch.tensor([0, 1]), torch.device("cpu"))
+    assert targets.tolist() == [[0.5, 0.5], [0.0, 1.0]]
