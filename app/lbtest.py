@@ -79,7 +79,7 @@ def free_port_block(count: int, low: int = 20000, high: int = 32000) -> int:
     import socket
 
     starts = list(range(low, high - count, count))
-    random.shuffle(starts)  # two runs at once rarely pick the same block
+    random.Random().shuffle(starts)  # two runs at once rarely pick the same block; global state untouched
     for start in starts:
         sockets: list[socket.socket] = []
         try:
