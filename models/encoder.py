@@ -248,7 +248,7 @@ def create_model(
     """Build a model from any supported source (see module docstring)."""
     if str(model) == "default":
         model = DEFAULT_MODEL_DIR
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_dir() and (path / checkpoint.CONFIG_NAME).is_file():
         return load_model_dir(path, device)
     name = str(model)

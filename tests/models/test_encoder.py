@@ -87,7 +87,7 @@ def test_architecture_with_local_checkpoint_file(tiny_encoder, sample_images, tm
     assert again.fingerprint.weights_sha256 == tiny_encoder.fingerprint.weights_sha256
 
 
-def test_unknown_sources_raise_clear_errors(tmp_path: Path) -> None:
+def test_unknown_sources_raise_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyError, match="unknown architecture"):
         load_encoder("no-such-architecture", device="cpu")
     with pytest.raises((FileNotFoundError, RuntimeError)):
@@ -96,6 +96,9 @@ def test_unknown_sources_raise_clear_errors(tmp_path: Path) -> None:
         load_encoder(str(tmp_path / "missing-model"), device="cpu")
     with pytest.raises(FileNotFoundError, match="is not a model directory: it has no open_clip_config.json"):
         load_encoder(str(tmp_path), device="cpu")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"model directory {tmp_path}/elsewhere not found"):
+        load_encoder("~/elsewhere", device="cpu")  # "~" expanded, as a shell would
     (tmp_path / "weights.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="pass a checkpoint file as `pretrained`"):
         load_encoder(str(tmp_path / "weights.pt"), device="cpu")
