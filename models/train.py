@@ -61,11 +61,11 @@ class Examples:
 
     @functools.cached_property
     def captions_of(self) -> list[list[int]]:
-        """For each image, the indices of its captions."""
-        owned: list[list[int]] = [[] for _ in self.images]
+        """For each image, the indices of its distinct captions (a repeated manifest row counts once)."""
+        owned: list[dict[int, None]] = [{} for _ in self.images]
         for image_id, caption_id in self.pairs:
-            owned[image_id].append(caption_id)
-        return owned
+            owned[image_id][caption_id] = None
+        return [list(captions) for captions in owned]
 
 
 def _small_copy(image: Image.Image, max_side: int) -> Image.Image:
@@ -279,11 +279,10 @@ def evaluate_pairs(
 
 
 def soft_targets(examples: Examples, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, N) targets over the caption bank: uniform over each image's own distinct captions (a
-    manifest that repeats a row must not leave the row summing to less than 1)."""
+    """(B, N) targets over the caption bank: uniform over each image's own distinct captions."""
     targets = torch.zeros(len(image_ids), len(examples.captions), device=device)
     for row, image_id in enumerate(image_ids.tolist()):
-        captions = sorted(set(examples.captions_of[image_id]))
+        captions = examples.captions_of[image_id]
         targets[row, captions] = 1.0 / len(captions)
     return targets
 
