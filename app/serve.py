@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import copy
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -31,76 +32,51 @@ class StartupErrorInOneLine(logging.Filter):
         return True
 
 
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging setup plus the one-line startup errors. Handed to uvicorn as a dict, so
+    that worker processes (`--workers N`), which set up their own logging, apply it too."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["startup_one_line"] = {"()": f"{__name__}.StartupErrorInOneLine"}
+    config["loggers"]["uvicorn.error"]["filters"] = ["startup_one_line"]
+    return config
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.protocol import IMPORT_STRING
     from app.settings import Settings
-
-    logging.getLogger("uvicorn.error").addFilter(StartupErrorInOneLine())
 
     overrides = {k: v for k, v in {"index_dir": args.index, "model": args.model, "host": args.host,
                                    "port": args.port, "workers": args.workers, "device": args.device}.items()
                  if v is not None}
     settings = Settings(**overrides)  # flags win over the environment
+    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "timeout_keep_alive": settings.keep_alive_s,
+              "log_level": "info", "log_config": log_config(), "http": IMPORT_STRING}
     if settings.workers > 1:
         # each worker process builds its own app (and model) from the environment
-        import os
-
         for key, value in overrides.items():
             os.environ[f"CLIPSEARCH_{key.upper()}"] = str(value)
-        uvicorn.run("app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, timeout_keep_alive=settings.keep_alive_s, log_level="info",
-                    http=coalescing_protocol())
-        return 0
+        config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers, **common)
+        return run_workers(config)
     from app.main import create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_keep_alive=settings.keep_alive_s,
-                            log_level="info", http=coalescing_protocol())
-    DrainingServer(config, app.state, settings.drain_s).run()
+    DrainingServer(uvicorn.Config(app, **common), app.state, settings.drain_s).run()
     return 0
 
 
-class _CoalescingTransport:
-    """Collects the writes of one event-loop turn and sends them as one: uvicorn writes a
-    response's head and body separately, and a replica killed between the two leaves the load
-    balancer holding a response head it can no longer retry. One write leaves no such gap."""
+def run_workers(config: Any) -> int:
+    """uvicorn's multi-process supervisor, with an exit status: uvicorn.run returns 0 even when
+    the workers could not start (a missing model), which would hide the failure from a caller."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-def coalescing_protocol() -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol writing each response (head + body) in a single send."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class CoalescingH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:
-            wrapped: Any = _CoalescingTransport(transport, self.loop)
-            super().connection_made(wrapped)
-
-    return CoalescingH11Protocol
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 class DrainingServer:

@@ -50,3 +50,15 @@ def test_serve_with_a_missing_model_exits_with_one_clear_line(tmp_path: Path) ->
     assert done.returncode != 0
     assert f"cannot start: model directory {tmp_path / 'no-model'} not found" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_with_workers_and_a_missing_model_fails_with_one_clear_line(tmp_path: Path) -> None:
+    # Each worker process sets up its own logging: the one-line filter must reach it, and the
+    # supervisor must pass the failure on as its exit status (uvicorn.run alone returns 0).
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--model", str(tmp_path / "no-model"), "--index", str(tmp_path),
+         "--port", "0", "--workers", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert f"cannot start: model directory {tmp_path / 'no-model'} not found" in done.stderr
+    assert "Traceback" not in done.stderr

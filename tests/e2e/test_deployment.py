@@ -64,6 +64,35 @@ def test_sigterm_drains_then_exits(served: tuple[Path, Path], tmp_path: Path) ->
     assert "draining" in (tmp_path / "server.log").read_text()
 
 
+def test_serve_with_two_workers_answers_and_stops(served: tuple[Path, Path], tmp_path: Path) -> None:
+    # `--workers N` hands the app factory, the HTTP protocol and the logging setup to worker
+    # processes by import string; all of it must survive the trip.
+    model_dir, index = served
+    port = free_port_block(1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--index", str(index), "--model", str(model_dir),
+         "--port", str(port), "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/readyz", 120, process)
+        deadline = time.time() + 120
+        while log.read_text().count("Application startup complete") < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert log.read_text().count("Application startup complete") == 2, log.read_text()
+        for _ in range(8):
+            search = httpx.post(f"{base}/v1/search/text", json={"query": "a red circle", "k": 3}, timeout=10)
+            assert search.status_code == 200
+            assert len(search.json()["results"]) == 3
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, log.read_text()
+
+
 def test_lb_short_form_zero_failures(served: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, index = served
     report = run_lb_test(index, str(model_dir), tmp_path / "lb", replicas=3, base_port=free_port_block(3),
