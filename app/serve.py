@@ -53,8 +53,10 @@ def _serve(args: argparse.Namespace) -> int:
                                    "port": args.port, "workers": args.workers, "device": args.device}.items()
                  if v is not None}
     settings = Settings(**overrides)  # flags win over the environment
-    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "timeout_keep_alive": settings.keep_alive_s,
-              "log_level": "info", "log_config": log_config(), "http": IMPORT_STRING}
+    common: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "timeout_keep_alive": settings.keep_alive_s,
+        "log_level": "info", "log_config": log_config(), "http": IMPORT_STRING,
+    }
     if settings.workers > 1:
         # each worker process builds its own app (and model) from the environment
         for key, value in overrides.items():
