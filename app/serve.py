@@ -13,6 +13,7 @@ from typing import Any
 
 # Startup errors whose message says all there is to say: a missing model, an index made with
 # another model, a bad setting. Anything else keeps its traceback, since that is a bug to report.
+WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering its supervisor
 SELF_EXPLAINING = ("FileNotFoundError", "KeyError", "ValueError", "NotReady", "InvalidIndex", "FingerprintMismatch")
 
 
@@ -61,7 +62,10 @@ def _serve(args: argparse.Namespace) -> int:
         # each worker process builds its own app (and model) from the environment
         for key, value in overrides.items():
             os.environ[f"CLIPSEARCH_{key.upper()}"] = str(value)
-        config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers, **common)
+        # A worker that takes long to exit (a loaded machine) would miss uvicorn's 5 s health check,
+        # be SIGKILLed as hung, lose its "could not start" exit status and be restarted, forever.
+        config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers,
+                                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **common)
         return run_workers(config)
     from app.main import create_app
 

@@ -58,7 +58,7 @@ def test_serve_with_workers_and_a_missing_model_fails_with_one_clear_line(tmp_pa
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-m", "app.cli", "serve", "--model", str(tmp_path / "no-model"), "--index", str(tmp_path),
-         "--port", "0", "--workers", "2"], env=env, capture_output=True, text=True, timeout=120)
+         "--port", "0", "--workers", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 3
     assert f"cannot start: model directory {tmp_path / 'no-model'} not found" in done.stderr
     assert "Traceback" not in done.stderr
