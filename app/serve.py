@@ -11,9 +11,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering its supervisor
+
 # Startup errors whose message says all there is to say: a missing model, an index made with
 # another model, a bad setting. Anything else keeps its traceback, since that is a bug to report.
-WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering its supervisor
 SELF_EXPLAINING = ("FileNotFoundError", "KeyError", "ValueError", "NotReady", "InvalidIndex", "FingerprintMismatch")
 
 
