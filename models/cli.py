@@ -66,7 +66,7 @@ def _read_pairs(args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     import open_clip
 
-    from models.config import AugmentConfig, TrainConfig
+    from models.config import AugmentConfig, CaptionBankConfig, TrainConfig
     from models.encoder import create_model
     from models.train import Trainer
 
@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.workers,
         cache_images=not args.no_cache,
+        caption_bank=CaptionBankConfig() if args.caption_bank else None,
         augment=AugmentConfig(trivial_augment=args.trivial_augment) if not args.no_augment else AugmentConfig(
             scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.0, grayscale=0.0
         ),
@@ -112,7 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
     pair_set = _read_pairs(args)
     if args.held_out is not None:
         pair_set = held_out_only(pair_set, args.held_out, args.seed)
-    encoder = load_encoder(args.model, args.pretrained, device=args.device)
+    encoder = load_encoder(args.model, args.pretrained, device=args.device, caption_bank=not args.no_caption_bank)
     report = evaluate(encoder, pair_set, progress=not args.quiet)
     result = {"model": str(encoder.fingerprint), **report.as_dict()}
     text = json.dumps(result, indent=2)
@@ -162,6 +163,9 @@ def add_commands(subparsers: Any) -> None:
     augment.add_argument("--no-augment", action="store_true", help="plain resize, no augmentation")
     augment.add_argument("--trivial-augment", action="store_true",
                          help="add TrivialAugment (strong; worth it with long schedules)")
+    train.add_argument("--caption-bank", action="store_true",
+                       help="with --lock-text: ship the training captions with the model and mix each image "
+                       "embedding with its nearest ones (helps unseen concepts on small data)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 
@@ -174,6 +178,8 @@ def add_commands(subparsers: Any) -> None:
     )
     evaluate.add_argument("--seed", type=int, default=0, help="the training run's seed (with --held-out)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
+    evaluate.add_argument("--no-caption-bank", action="store_true",
+                          help="score the image tower alone, without the model directory's caption bank")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(handler=_eval)
 

@@ -21,6 +21,24 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class CaptionBankConfig:
+    """How an image embedding is mixed with its nearest training captions."""
+
+    # The defaults are the embedded default model's, chosen on an inner validation split.
+    top_k: int = 50  # captions mixed per image
+    temperature: float = 0.05  # softmax temperature over their cosine similarities
+    blend: float = 0.4  # weight of the image's own embedding; the mixture gets 1 - blend
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"caption bank top_k must be at least 1, got {self.top_k}")
+        if self.temperature <= 0:
+            raise ValueError(f"caption bank temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"caption bank blend must lie in [0, 1], got {self.blend}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one contrastive training run needs besides the data and the starting model."""
 
@@ -45,6 +63,9 @@ class TrainConfig:
     # only the batch's (text features are precomputed once, so this costs one matmul).
     caption_bank_loss: bool = True
     label_smoothing: float = 0.0
+    # With a locked text tower, ship the training captions' embeddings with the model and mix
+    # each image embedding with its nearest captions (see `models.caption_bank`). None: off.
+    caption_bank: CaptionBankConfig | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     device: str | None = None  # None: CUDA when available, else CPU
     max_steps: int | None = None  # stop early (tests, smoke runs)

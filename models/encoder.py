@@ -24,6 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from models import checkpoint, registry
+from models.caption_bank import CaptionBank
 from models.load_noise import quiet_model_build
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class DualEncoder:
         device: torch.device,
         image_batch_size: int = 64,
         text_batch_size: int = 256,
+        caption_bank: CaptionBank | None = None,
     ) -> None:
         self.model: Any = model.eval()  # an open_clip CLIP / CustomTextCLIP
         self.preprocess = preprocess
@@ -125,11 +127,18 @@ class DualEncoder:
         with torch.inference_mode():
             probe = self.tokenizer(["probe"]).to(device)
             self.dim = int(self.model.encode_text(probe).shape[-1])
+        if caption_bank is not None and caption_bank.embeddings.shape[1] != self.dim:
+            raise ValueError(f"the caption bank has {caption_bank.embeddings.shape[1]}-d embeddings, "
+                             f"the model embeds into {self.dim} dimensions")
+        self.caption_bank = caption_bank.to(device) if caption_bank is not None else None
 
     @property
     def fingerprint(self) -> ModelFingerprint:
         if self._fingerprint is None:  # hashing the weights takes a moment: only when asked
-            self._fingerprint = ModelFingerprint(self._architecture, weights_digest(self.model), self.dim)
+            digest = weights_digest(self.model)
+            if self.caption_bank is not None:  # the bank moves image embeddings: part of the space
+                digest = hashlib.sha256(f"{digest}:{self.caption_bank.digest()}".encode()).hexdigest()
+            self._fingerprint = ModelFingerprint(self._architecture, digest, self.dim)
         return self._fingerprint
 
     @property
@@ -145,11 +154,19 @@ class DualEncoder:
             features = encode(batch)
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(pixels)
+        if self.caption_bank is None:
+            return features
+        # in float32 even under CUDA autocast: which captions are nearest must not depend on the device
+        with torch.autocast(self.device.type, enabled=False):
+            return self.caption_bank.project(features)
+
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Embed already preprocessed images `(n, 3, H, W)` -> float32 `(n, d)`, unit norm."""
         out = np.empty((pixels.shape[0], self.dim), dtype=np.float32)
         for part in _batches(pixels.shape[0], self.image_batch_size):
-            out[part] = self._run(self.model.encode_image, pixels[part])
+            out[part] = self._run(self._image_features, pixels[part])
         return out
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -157,7 +174,7 @@ class DualEncoder:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for part in _batches(len(images), self.image_batch_size):
             pixels = torch.stack([self.preprocess(image) for image in images[part]])
-            out[part] = self._run(self.model.encode_image, pixels)
+            out[part] = self._run(self._image_features, pixels)
         return out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -179,6 +196,7 @@ class LoadedModel:
     model_config: dict[str, Any]
     preprocess_config: dict[str, Any]
     text_hub_id: str | None
+    caption_bank: CaptionBank | None = None
 
 
 def _preprocess_config(model: torch.nn.Module, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -221,6 +239,7 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> Loade
         model_config=model_config,
         preprocess_config=_preprocess_config(model, config.get("preprocess_cfg")),
         text_hub_id=hub_id,
+        caption_bank=CaptionBank.load(model_dir, meta),
     )
 
 
@@ -282,8 +301,12 @@ def load_encoder(
     device: str | torch.device | None = None,
     image_batch_size: int = 64,
     text_batch_size: int = 256,
+    caption_bank: bool = True,
 ) -> DualEncoder:
     """Load a model for inference. See the module docstring for what `model` may name.
+
+    `caption_bank=False` leaves out a model directory's caption bank (see `models.caption_bank`):
+    the image tower's raw embeddings, in another space (another fingerprint).
 
     `pretrained`: an open_clip pretrained tag (needs its hub online or cached) or a checkpoint
     file, for an architecture name. Raises FileNotFoundError / KeyError / RuntimeError for a
@@ -301,4 +324,5 @@ def load_encoder(
         target,
         image_batch_size=image_batch_size,
         text_batch_size=text_batch_size,
+        caption_bank=loaded.caption_bank if caption_bank else None,
     )

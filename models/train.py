@@ -31,6 +31,8 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from models import checkpoint
+from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
+from models.caption_bank import CaptionBank
 from models.config import AugmentConfig, TrainConfig
 from models.data import Pair, PairSet, split_pairs
 from models.encoder import LoadedModel, resolve_device
@@ -259,8 +261,13 @@ def evaluate_pairs(
     cache: Sequence[Image.Image | None],
     device: torch.device,
     batch_size: int = 128,
+    caption_bank: CaptionBank | None = None,
 ) -> dict[str, float]:
-    """Recall@1/5/10 both ways over `examples` (images taken from `cache` when present)."""
+    """Recall@1/5/10 both ways over `examples` (images taken from `cache` when present).
+
+    With a `caption_bank`, the recalls of the image embeddings it mixes are added under keys
+    prefixed `caption_bank_`; the unprefixed ones stay those of the image tower alone.
+    """
     was_training = model.training
     model.eval()
     features = []
@@ -271,11 +278,16 @@ def evaluate_pairs(
             batch.append(preprocess(image))
         features.append(F.normalize(model.encode_image(torch.stack(batch).to(device)).float(), dim=-1))
     model.train(was_training)
-    image_features = torch.cat(features).cpu().numpy()
+    image_features = torch.cat(features)
     text_features = embed_captions(model, tokenizer, examples.captions, device).cpu().numpy()
     caption_ids = np.array([c for _, c in examples.pairs], dtype=np.int64)
     owners = np.array([i for i, _ in examples.pairs], dtype=np.int64)
-    return retrieval_recall(image_features, text_features[caption_ids], owners)
+    recall = retrieval_recall(image_features.cpu().numpy(), text_features[caption_ids], owners)
+    if caption_bank is not None:
+        mixed = caption_bank.project(image_features).cpu().numpy()
+        recall.update({f"caption_bank_{k}": v for k, v in retrieval_recall(mixed, text_features[caption_ids],
+                                                                           owners).items()})
+    return recall
 
 
 def soft_targets(examples: Examples, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -359,6 +371,9 @@ class Trainer:
         lock_towers(self.model, config.lock_text, config.lock_image)
         text_names = set(_text_parameter_names(self.model))
         self.text_frozen = not any(p.requires_grad for n, p in self.model.named_parameters() if n in text_names)
+        if config.caption_bank is not None and not self.text_frozen:
+            raise ValueError("a caption bank needs a locked text tower (lock_text / --lock-text): "
+                             "its caption embeddings must not change after training")
         self.dataset = PairDataset(
             self.train_examples, self.train_cache, train_transform(self.preprocess_config, config.augment)
         )
@@ -451,8 +466,15 @@ class Trainer:
         if not self.held_examples.pairs:
             return {}
         return evaluate_pairs(
-            self.model, self.tokenizer, self.eval_preprocess, self.held_examples, self.held_cache, self.device
+            self.model, self.tokenizer, self.eval_preprocess, self.held_examples, self.held_cache, self.device,
+            caption_bank=self._caption_bank(),
         )
+
+    def _caption_bank(self) -> CaptionBank | None:
+        """The shipped caption bank: every training caption, embedded by the locked text tower."""
+        if self.config.caption_bank is None or self.bank is None:
+            return None
+        return CaptionBank(self.bank, self.config.caption_bank)
 
     def _end_epoch(self, started: float) -> None:
         p = self.progress
@@ -530,14 +552,18 @@ class Trainer:
         return TrainResult(self.save_model(), p.step, self.metrics, self.skipped)
 
     def save_model(self) -> Path:
-        meta = {
+        meta: dict[str, Any] = {
             "architecture": self.loaded.architecture,
             "text_hub_id": self.loaded.text_hub_id,
             "trained_steps": self.progress.step,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        model_dir = self.config.output_dir / "model"
+        caption_bank = self._caption_bank()
+        if caption_bank is not None:  # before the config, whose presence means "complete"
+            meta[CAPTION_BANK_KEY] = caption_bank.save(model_dir)
         return checkpoint.save_model_dir(
-            self.config.output_dir / "model",
+            model_dir,
             self.model,
             self.loaded.model_config,
             self.preprocess_config,

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models import DEFAULT_MODEL_DIR, load_encoder
+from models.caption_bank import BANK_FILE
 from models.checkpoint import CONFIG_NAME, PARTIAL_WEIGHTS_NAME
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -40,6 +42,20 @@ def test_loads_and_embeds_without_network(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_fingerprint_is_stable(default_encoder) -> None:
     assert load_encoder().fingerprint == default_encoder.fingerprint
+
+
+def test_ships_a_caption_bank_that_moves_only_images(default_encoder) -> None:
+    assert (DEFAULT_MODEL_DIR / BANK_FILE).stat().st_size < 5 * 1024 * 1024
+    bank = default_encoder.caption_bank
+    assert bank is not None and len(bank) > 1000 and bank.embeddings.shape[1] == default_encoder.dim
+    raw = load_encoder(caption_bank=False)
+    assert raw.fingerprint != default_encoder.fingerprint
+    image = [Image.new("RGB", (40, 30), (200, 30, 30))]
+    np.testing.assert_array_equal(raw.encode_texts(["a bird"]), default_encoder.encode_texts(["a bird"]))
+    mixed, alone = default_encoder.encode_images(image), raw.encode_images(image)
+    assert not np.allclose(mixed, alone)
+    # the image embedding is the bank's mixing of what the image tower alone gives
+    np.testing.assert_allclose(mixed, bank.project(torch.from_numpy(alone)).numpy(), atol=1e-5)
 
 
 def _gallery(encoder) -> tuple[list[Path], np.ndarray]:
