@@ -66,12 +66,19 @@ demo: install ## index the stamps gallery, start the server, show example querie
 	$(CLI) demo --model $(MODEL) $(if $(PORT),--port $(PORT))
 
 BENCH_PORT ?= 8077
-bench: install ## measure: indexing images/s, then QPS/latency of a server under 32 clients (stamps gallery)
+OVERLOAD_PORT ?= 8078
+bench: install ## measure: indexing images/s, QPS/latency under 32 clients, then overload shedding + recovery (stamps gallery)
 	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
 	@$(CLI) serve --index build/bench-index --port $(BENCH_PORT) > build/bench-server.log 2>&1 & pid=$$!; \
 	trap "kill $$pid 2>/dev/null" EXIT; \
 	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(BENCH_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
 	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration 20
+	@echo "overload: 96 clients against one server with MAX_QUEUE=8, then 8 clients (recovery)"
+	@CLIPSEARCH_MAX_QUEUE=8 $(CLI) serve --index build/bench-index --port $(OVERLOAD_PORT) > build/bench-overload.log 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(OVERLOAD_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 96 --duration 20 --allow-shed && \
+	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 8 --duration 10
 
 LB_DURATION ?= 60
 lb-test: install ## nginx (docker/nginx.conf) + 3 replicas on loopback, load + SIGKILL/SIGTERM/restarts

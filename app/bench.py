@@ -48,6 +48,12 @@ class LoadReport:
             "shed": len(self.shed_latencies), "shed_p99_ms": round(float(np.percentile(shed, 99)), 1),
         }
 
+    def passed(self, allow_shed: bool = False) -> bool:
+        """True when every request succeeded; with `allow_shed`, 429 refusals (load shedding under
+        an overload the run provokes on purpose) do not count against it, any other failure does."""
+        shed = len(self.shed_latencies) if allow_shed else 0
+        return self.failed - shed == 0
+
 
 def _image_payloads(count: int = 8) -> list[str]:
     from PIL import Image, ImageDraw
@@ -125,7 +131,7 @@ def _handle(args: argparse.Namespace) -> int:
     result = {"clients": args.clients, "image_share": args.image_share, **report.as_dict(),
               "batches": batch_sizes(httpx.get(f"{args.url}/metrics", timeout=10).text)}
     print(json.dumps(result, indent=2))
-    return 0 if report.failed == 0 else 1
+    return 0 if report.passed(args.allow_shed) else 1
 
 
 def add_command(subparsers: Any) -> None:
@@ -134,4 +140,6 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds")
     parser.add_argument("--image-share", type=float, default=0.3, help="share of image queries")
+    parser.add_argument("--allow-shed", action="store_true",
+                        help="an overload run: 429 refusals are expected and do not fail it")
     parser.set_defaults(handler=_handle)
