@@ -41,8 +41,32 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# sha256 of a file -> (its vector, width, height), taken from the published index
-Previous = dict[str, tuple[np.ndarray, int, int]]
+class Previous:
+    """What the published index already holds, by file sha256: its row, width and height.
+
+    Vectors stay in the index's memory-mapped `embeddings.npy` until a file is actually reused,
+    so an incremental run over a large index does not hold every old vector in memory.
+    """
+
+    def __init__(self, embeddings: np.ndarray | None = None,
+                 rows: dict[str, tuple[int, int, int]] | None = None) -> None:
+        self.embeddings = embeddings
+        self.rows = rows or {}
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, sha: str) -> tuple[np.ndarray, int, int]:
+        """(float32 vector, width, height) of a known file."""
+        assert self.embeddings is not None
+        row, width, height = self.rows[sha]
+        return np.array(self.embeddings[row], dtype=np.float32), width, height
 
 
 @dataclass
@@ -107,7 +131,7 @@ def resolve(record: Record, sha: str, rejection: ImageRejected | None, fresh: bo
         return Outcome(record, "duplicate", sha, extra={"of": seen[sha]})
     seen[sha] = record.source
     if not fresh:  # known from the published index: reuse its vector
-        vector, width, height = previous[sha]
+        vector, width, height = previous.take(sha)
         return Outcome(record, "reused", sha, width, height, vector)
     return None
 
@@ -137,7 +161,7 @@ class Embedder:
         self.batch_size = batch_size
         self.workers = max(1, workers)
         self.limits = limits
-        self.previous = previous or {}
+        self.previous = previous if previous is not None else Previous()
         self.seen: dict[str, str] = {}
 
     def _known(self, sha: str) -> bool:

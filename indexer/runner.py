@@ -103,14 +103,12 @@ def _previous_vectors(out_dir: Path, encoder: Any) -> tuple[Previous, artifacts.
     try:
         index = artifacts.load_index(out_dir, verify=False)
     except artifacts.InvalidIndex:
-        return {}, None
+        return Previous(), None
     if index.fingerprint != encoder.fingerprint:
         logger.info("the published index was built with another model: embedding everything again")
-        return {}, None
-    previous: Previous = {}
-    for row, meta in enumerate(index.metadata):
-        previous[meta["sha256"]] = (np.asarray(index.embeddings[row], dtype=np.float32), meta["width"], meta["height"])
-    return previous, index
+        return Previous(), None
+    rows = {meta["sha256"]: (row, meta["width"], meta["height"]) for row, meta in enumerate(index.metadata)}
+    return Previous(index.embeddings, rows), index
 
 
 def _run_key(source: Source, encoder: Any, config: IndexConfig, previous: artifacts.LoadedIndex | None) -> dict[str, Any]:

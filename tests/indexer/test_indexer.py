@@ -94,9 +94,10 @@ def test_metadata_and_embeddings(tmp_path: Path, encoder) -> None:
     assert manifest["index"]["image"]["factory"] == "Flat"
 
 
-def test_incremental_add_change_delete(tmp_path: Path, encoder) -> None:
+@pytest.mark.parametrize("float16", [False, True], ids=["float32", "float16"])
+def test_incremental_add_change_delete(tmp_path: Path, encoder, float16: bool) -> None:
     make_messy_folder(tmp_path / "data", good=16, bad=0)
-    _index(tmp_path / "data", tmp_path / "index", encoder)
+    _index(tmp_path / "data", tmp_path / "index", encoder, float16=float16)
     first = load_index(tmp_path / "index")
     files = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")
     files[0].unlink()  # delete
@@ -104,9 +105,10 @@ def test_incremental_add_change_delete(tmp_path: Path, encoder) -> None:
 
     Image.new("RGB", (30, 30), (5, 5, 5)).save(files[1])  # change (same name, other content)
     Image.new("RGB", (30, 30), (250, 5, 5)).save(tmp_path / "data" / "new.png")  # add
-    summary = _index(tmp_path / "data", tmp_path / "index", encoder)
+    summary = _index(tmp_path / "data", tmp_path / "index", encoder, float16=float16)
     assert (summary.embedded, summary.reused, summary.indexed) == (2, 14, 16)
     second = load_index(tmp_path / "index")
+    assert second.embeddings.dtype == (np.float16 if float16 else np.float32)
     assert second.version != first.version
     sources = {m["source"] for m in second.metadata}
     assert files[0].relative_to(tmp_path / "data").as_posix() not in sources and "new.png" in sources
@@ -118,6 +120,20 @@ def test_incremental_add_change_delete(tmp_path: Path, encoder) -> None:
         match = next((r for r, m in enumerate(first.metadata) if m["sha256"] == meta["sha256"]), None)
         if match is not None:
             np.testing.assert_array_equal(second.embeddings[row], first.embeddings[match])
+
+
+def test_previous_vectors_stay_on_disk_until_reused(tmp_path: Path, encoder) -> None:
+    from indexer.runner import _previous_vectors
+
+    make_messy_folder(tmp_path / "data", good=4, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder, float16=True)
+    previous, index = _previous_vectors(tmp_path / "index", encoder)
+    assert index is not None and len(previous) == 4
+    assert isinstance(previous.embeddings, np.memmap)  # not read into memory up front
+    sha = index.metadata[2]["sha256"]
+    vector, width, height = previous.take(sha)
+    assert vector.dtype == np.float32 and (width, height) == (index.metadata[2]["width"], index.metadata[2]["height"])
+    np.testing.assert_array_equal(vector, index.embeddings[2].astype(np.float32))
 
 
 def _index_command(data: Path, out: Path, model: Path) -> list[str]:
