@@ -11,6 +11,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from uvicorn.server import Server
+from uvicorn.supervisors.multiprocess import Process
+
+from app import lifecycle
+
 WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering its supervisor
 
 # Startup errors whose message says all there is to say: a missing model, an index made with
@@ -71,48 +76,57 @@ def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     app = create_app(settings)
-    DrainingServer(uvicorn.Config(app, **common), app.state, settings.drain_s).run()
+    drain_on_sigterm(uvicorn.Server(uvicorn.Config(app, **common)), settings.drain_s).run()
     return 0
 
 
 def run_workers(config: Any) -> int:
-    """uvicorn's multi-process supervisor, with an exit status: uvicorn.run returns 0 even when
-    the workers could not start (a missing model), which would hide the failure from a caller."""
+    """uvicorn's multi-process supervisor, with draining workers (`DrainingWorker`) and an exit
+    status: uvicorn.run returns 0 even when the workers could not start (a missing model), which
+    would hide the failure from a caller."""
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors import Multiprocess, multiprocess
 
+    # The supervisor creates, and after a crash re-creates, its workers by this module-level name.
+    multiprocess.Process = DrainingWorker  # type: ignore[misc]
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
-class DrainingServer:
-    """uvicorn with a graceful SIGTERM: first /readyz turns 503 (app.state.draining) while the
-    server keeps answering, then after `drain_s` uvicorn stops accepting and finishes in-flight
-    requests. A load balancer thus stops sending before the listener closes. SIGINT and a second
-    SIGTERM stop at once."""
+def drain_on_sigterm(server: Any, drain_s: float) -> Any:
+    """Give a uvicorn server a graceful SIGTERM: first /readyz turns 503 (`app.lifecycle.draining`)
+    while the server keeps answering, then after `drain_s` uvicorn stops accepting and finishes
+    in-flight requests. A load balancer thus stops sending before the listener closes. SIGINT and
+    a second SIGTERM stop at once."""
+    original = server.handle_exit
 
-    def __init__(self, config: Any, state: Any, drain_s: float) -> None:
-        import uvicorn
+    def handle_exit(sig: int, frame: Any) -> None:
+        if sig == signal.SIGTERM and not lifecycle.draining.is_set() and drain_s > 0:
+            lifecycle.draining.set()
+            # on uvicorn's own logger: a worker process configures only uvicorn's loggers
+            logging.getLogger("uvicorn.error").info("SIGTERM: draining for %.1f s, then stopping", drain_s)
+            timer = threading.Timer(drain_s, original, args=(sig, frame))
+            timer.daemon = True
+            timer.start()
+            return
+        original(sig, frame)
 
-        server = uvicorn.Server(config)
-        original = server.handle_exit
+    server.handle_exit = handle_exit
+    return server
 
-        def handle_exit(sig: int, frame: Any) -> None:
-            if sig == signal.SIGTERM and not state.draining and drain_s > 0:
-                state.draining = True
-                logging.getLogger(__name__).info("SIGTERM: draining for %.1f s, then stopping", drain_s)
-                timer = threading.Timer(drain_s, original, args=(sig, frame))
-                timer.daemon = True
-                timer.start()
-                return
-            original(sig, frame)
 
-        server.handle_exit = handle_exit  # type: ignore[method-assign]
-        self.server = server
+class DrainingWorker(Process):
+    """A worker process of `--workers N` whose server drains on SIGTERM like a single-process
+    server does (the supervisor forwards its SIGTERM to every worker)."""
 
-    def run(self) -> None:
-        self.server.run()
+    @property
+    def server(self) -> Server:
+        if self._server is None:  # built in the worker process, from the same environment as its app
+            from app.settings import Settings
+
+            self._server = drain_on_sigterm(Server(config=self.config), Settings().drain_s)
+        return self._server
 
 
 def add_command(subparsers: Any) -> None:

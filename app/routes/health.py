@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import lifecycle
+
 router = APIRouter(tags=["health"])
 
 
@@ -24,7 +26,7 @@ async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     service = getattr(state, "service", None)
     problems = []
-    if getattr(state, "draining", False):
+    if getattr(state, "draining", False) or lifecycle.draining.is_set():
         problems.append("shutting down")
     if service is None:
         problems.append(getattr(state, "load_error", None) or "loading")

@@ -64,12 +64,12 @@ def test_sigterm_drains_then_exits(served: tuple[Path, Path], tmp_path: Path) ->
     assert "draining" in (tmp_path / "server.log").read_text()
 
 
-def test_serve_with_two_workers_answers_and_stops(served: tuple[Path, Path], tmp_path: Path) -> None:
+def test_serve_with_two_workers_answers_then_drains(served: tuple[Path, Path], tmp_path: Path) -> None:
     # `--workers N` hands the app factory, the HTTP protocol and the logging setup to worker
-    # processes by import string; all of it must survive the trip.
+    # processes by import string; all of it must survive the trip, and so must the graceful SIGTERM.
     model_dir, index = served
     port = free_port_block(1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPSEARCH_DRAIN_S": "2"}
     log = tmp_path / "server.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--index", str(index), "--model", str(model_dir),
@@ -85,12 +85,18 @@ def test_serve_with_two_workers_answers_and_stops(served: tuple[Path, Path], tmp
             search = httpx.post(f"{base}/v1/search/text", json={"query": "a red circle", "k": 3}, timeout=10)
             assert search.status_code == 200
             assert len(search.json()["results"]) == 3
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # the supervisor forwards it to both workers
+        time.sleep(0.5)
+        for _ in range(4):  # whichever worker answers, it is draining: not ready, still serving
+            assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503
+            search = httpx.post(f"{base}/v1/search/text", json={"query": "a red circle", "k": 3}, timeout=10)
+            assert search.status_code == 200
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, log.read_text()
+    assert log.read_text().count("SIGTERM: draining") == 2, log.read_text()
 
 
 def test_lb_short_form_zero_failures(served: tuple[Path, Path], tmp_path: Path) -> None:
