@@ -16,7 +16,7 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install apt test lint model train eval index serve demo bench lb-test clean
+.PHONY: help install apt test lint model train eval index serve demo bench soak lb-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -79,6 +79,14 @@ bench: install ## measure: indexing images/s, QPS/latency under 32 clients, then
 	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(OVERLOAD_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
 	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 96 --duration 20 --allow-shed && \
 	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 8 --duration 10
+
+SOAK_S ?= 600
+soak: install ## memory under load: one server, 32 clients for SOAK_S seconds (default 600); RSS sampled from /metrics
+	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
+	@$(CLI) serve --index build/bench-index --port $(BENCH_PORT) > build/soak-server.log 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(BENCH_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration $(SOAK_S)
 
 LB_DURATION ?= 60
 lb-test: install ## nginx (docker/nginx.conf) + 3 replicas on loopback, load + SIGKILL/SIGTERM/restarts

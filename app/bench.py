@@ -34,6 +34,7 @@ class LoadReport:
     ok_latencies: list[float] = field(default_factory=list)
     shed_latencies: list[float] = field(default_factory=list)  # 429 answers: how fast excess is refused
     seconds: float = 0.0
+    rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, server RSS)
 
     def as_dict(self) -> dict[str, Any]:
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
@@ -46,7 +47,19 @@ class LoadReport:
             "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "accepted_p99_ms": round(float(np.percentile(ok, 99)), 1),
             "shed": len(self.shed_latencies), "shed_p99_ms": round(float(np.percentile(shed, 99)), 1),
+            "server_rss_mb": self.memory_summary(),
         }
+
+    def memory_summary(self) -> dict[str, float]:
+        """Server RSS before the load, once warm (the first sample after a tenth of the run), at the
+        end, and the growth between the last two: a leak shows as growth on a long (soak) run."""
+        if not self.rss_mb:
+            return {}
+        warm_after = self.seconds / 10
+        warm = next((mb for t, mb in self.rss_mb if t >= warm_after), self.rss_mb[-1][1])
+        end = self.rss_mb[-1][1]
+        return {"before": self.rss_mb[0][1], "warm": warm, "end": end, "peak": max(mb for _, mb in self.rss_mb),
+                "growth_after_warm": round(end - warm, 1)}
 
     def passed(self, allow_shed: bool = False) -> bool:
         """True when every request succeeded; with `allow_shed`, 429 refusals (load shedding under
@@ -103,11 +116,32 @@ async def drive(base: str, clients: int, duration_s: float, image_share: float, 
             else:
                 report.failed += 1
 
+    async def sample_memory(client: httpx.AsyncClient, every_s: float) -> None:
+        while True:
+            mb = await server_rss_mb(client)
+            if mb is not None:
+                report.rss_mb.append((round(time.perf_counter() - started, 1), mb))
+            if time.perf_counter() >= deadline:
+                return
+            await asyncio.sleep(min(every_s, max(0.0, deadline - time.perf_counter())))
+
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        sampler = asyncio.create_task(sample_memory(client, max(1.0, duration_s / 20)))
         await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+        await sampler
     report.seconds = time.perf_counter() - started
     return report
+
+
+async def server_rss_mb(client: Any) -> float | None:
+    """The server's resident memory in MB, from its /metrics (None when it does not say)."""
+    try:
+        text = (await client.get("/metrics")).text
+    except Exception:  # noqa: BLE001 - a missed sample is not a failed request
+        return None
+    found = re.search(r"^process_resident_memory_bytes ([0-9.e+]+)$", text, re.MULTILINE)
+    return round(float(found.group(1)) / 2**20, 1) if found else None
 
 
 def batch_sizes(metrics_text: str) -> dict[str, dict[str, float]]:

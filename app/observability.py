@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -28,3 +28,5 @@ class Metrics:
         self.rejected = Counter("clipsearch_shed", "requests refused or dropped before the model",
                                 ["modality", "reason"], registry=r)
         self.reloads = Counter("clipsearch_index_reloads", "index hot reloads", ["result"], registry=r)
+        # process_resident_memory_bytes, CPU seconds, open fds: what a soak run watches for growth
+        ProcessCollector(registry=r)

@@ -248,6 +248,9 @@ async def test_health_ready_metrics_docs(index_dir, app_encoder) -> None:
                      "clipsearch_queue_depth", "clipsearch_stage_seconds_bucket"):
             assert name in metrics, name
         assert 'route="/v1/search/text"' in metrics
+        from app.bench import server_rss_mb
+
+        assert 10 < (await server_rss_mb(client) or 0) < 100_000  # what `clipsearch bench` watches on soak runs
         schema = (await client.get("/openapi.json")).json()
         for path in ("/v1/search/text", "/v1/search/image", "/v1/search", "/v1/embed/text", "/v1/embed/image",
                      "/v1/embeddings", "/v1/items/{item_id}", "/v1/items/{item_id}/thumbnail"):

@@ -199,10 +199,10 @@ async def test_hot_reload_under_load_with_a_corrupt_candidate(tmp_path: Path, ap
                     versions.add(response.json()["index_version"])
 
         workers = [asyncio.create_task(hammer()) for _ in range(4)]
-        for round_ in range(6):
+        for round_ in range(20):  # RELIABILITY.md row "index: hot swap 20 times under load"
             from PIL import Image
 
-            Image.new("RGB", (20, 20), (round_ * 40, 10, 10)).save(data / f"new{round_}.png")
+            Image.new("RGB", (20, 20), (round_ * 12, 10, 10)).save(data / f"new{round_}.png")
             await asyncio.to_thread(build_index, data, tmp_path / "index", app_encoder)
             await asyncio.sleep(0.2)
         # a corrupt candidate: a copy of the live version with a flipped byte, published by hand

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +165,79 @@ def test_resume_after_kill_gives_same_index(tmp_path: Path, tiny_model_dir: Path
     assert got.metadata == want.metadata and got.texts == want.texts
     np.testing.assert_array_equal(got.embeddings, want.embeddings)
     assert got.manifest["counts"]["rejected"] == want.manifest["counts"]["rejected"] == 6
+
+
+def _version_files(index_dir: Path) -> dict[str, bytes]:
+    live = (index_dir / "current").resolve()
+    return {str(path.relative_to(live)): path.read_bytes() for path in sorted(live.rglob("*")) if path.is_file()}
+
+
+def _start_indexer(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], float]:
+    """Start an indexer and return it once its model is loaded and it starts on the inputs (the
+    "N inputs from" line), with that moment: start-up alone takes most of a small run."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "inputs from" in line:
+            break
+    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
+    return process, time.perf_counter()
+
+
+def test_kill_at_random_points_leaves_the_published_index_alone(tmp_path: Path, tiny_model_dir: Path,
+                                                                encoder) -> None:
+    """RELIABILITY.md row "index: kill -9 the indexer at random points, 10 times": after every kill
+    the published index is byte for byte the one before (or, when the kill came after the swap, the
+    complete new one), it loads and verifies, and a last re-run resumes to the index an
+    uninterrupted run builds."""
+    data, later = tmp_path / "data", tmp_path / "later"
+    make_messy_folder(data, good=400, bad=4)
+    for path in sorted(data.rglob("img*")):  # half of the images arrive after the first publish
+        if int(path.stem[3:]) % 2 == 1:
+            (later / path.parent.name).mkdir(parents=True, exist_ok=True)
+            path.rename(later / path.parent.name / path.name)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    live = tmp_path / "live"
+    _index(data, live, encoder)
+    published, before = load_index(live), _version_files(live)
+    for path in sorted(later.rglob("*")):
+        if path.is_file():
+            path.rename(data / path.relative_to(later))
+    # the reference: the same incremental run on a copy, uninterrupted; also how long its work
+    # takes, up to the swap of its `current` link
+    shutil.copytree(live, tmp_path / "reference", symlinks=True)
+    link = tmp_path / "reference" / "current"
+    old_target = os.readlink(link)
+    process, working = _start_indexer(_index_command(data, tmp_path / "reference", tiny_model_dir), env)
+    while os.readlink(link) == old_target and process.poll() is None:
+        time.sleep(0.001)
+    work_s = time.perf_counter() - working
+    assert process.wait() == 0
+    reference = load_index(tmp_path / "reference")
+
+    def is_reference(index) -> bool:
+        return index.metadata == reference.metadata and np.array_equal(index.embeddings, reference.embeddings)
+
+    # Ten kill points spread over the work (reading, embedding, shards, FAISS build, publishing),
+    # earliest first: each run resumes from the shards the killed ones left, so the last kills may
+    # come after the work is done.
+    rng = random.Random(0)
+    interrupted = 0
+    for delay in sorted(rng.uniform(0, work_s) for _ in range(10)):
+        process, _ = _start_indexer(_index_command(data, live, tiny_model_dir), env)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        current = load_index(live)  # verifies every file against the manifest
+        if current.version == published.version:
+            assert _version_files(live) == before
+            interrupted += 1
+        else:
+            assert is_reference(current)  # killed after the swap: the new index, complete
+    assert interrupted >= 1, "every run finished before its kill: nothing was tested"
+    resumed = subprocess.run(_index_command(data, live, tiny_model_dir), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert is_reference(load_index(live))
 
 
 def test_index_refused_by_another_model(tmp_path: Path, encoder) -> None:
