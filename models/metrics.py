@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,3 +48,16 @@ def retrieval_recall(
         results[f"text_to_image_R@{k}"] = float(hits_t2i[j] / max(1, len(text_features)))
         results[f"image_to_text_R@{k}"] = float(hits_i2t[j] / max(1, len(image_features)))
     return results
+
+
+def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % for z = 1.96) of a recall measured on `n` queries: how far
+    the figure may be from what a much larger set of the same kind would give. Unlike share +- z*SE,
+    it stays inside [0, 1] and is sensible at 0 and 1 hits."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = share + z * z / (2 * n)
+    spread = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    scale = 1 + z * z / n
+    # rounding can put a bound a hair past the share itself (at 0 or 1 hits): keep it inside
+    return max(0.0, min(share, (centre - spread) / scale)), min(1.0, max(share, (centre + spread) / scale))

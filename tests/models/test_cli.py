@@ -36,6 +36,8 @@ def test_eval_reports_recall(shapes_folder: Path, tmp_path: Path, capsys: pytest
     assert json.loads(capsys.readouterr().out) == report
     assert report["images"] == 192 and report["texts"] == 192
     assert set(report["recall"]) == {f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)}
+    for name, (low, high) in report["recall_95ci"].items():
+        assert low <= report["recall"][name] <= high
     held = main(["eval", str(shapes_folder), "--model", str(model_dir), "--quiet", "--held-out", "0.25",
                  "--json", str(tmp_path / "held.json")])
     assert held == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.metrics import retrieval_recall
+from models.metrics import retrieval_recall, wilson_interval
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -41,3 +41,20 @@ def test_perfect_and_k_larger_than_gallery() -> None:
     images = np.eye(4, dtype=np.float32)
     recall = retrieval_recall(images, images.copy(), np.arange(4), ks=(1, 10))
     assert all(value == 1.0 for value in recall.values())
+
+
+@pytest.mark.parametrize(("hits", "n"), [(50, 100), (260, 435), (3, 40), (0, 100), (100, 100)])
+def test_wilson_interval_bounds_solve_the_score_equation(hits: int, n: int) -> None:
+    # The Wilson bounds are the p where the observed share is exactly z standard errors of p away.
+    share, z = hits / n, 1.96
+    low, high = wilson_interval(share, n)
+    assert 0.0 <= low <= share <= high <= 1.0
+    for bound in (low, high):
+        assert (share - bound) ** 2 == pytest.approx(z * z * bound * (1 - bound) / n, abs=1e-12)
+    if hits == 0:
+        assert low == 0.0 and high == pytest.approx(0.037, abs=0.001)  # the "rule of three" region
+
+
+def test_wilson_interval_known_value_and_empty() -> None:
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0.0, 0) == (0.0, 1.0)
