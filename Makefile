@@ -67,25 +67,25 @@ demo: install ## index the stamps gallery, start the server, show example querie
 
 BENCH_PORT ?= 8077
 OVERLOAD_PORT ?= 8078
+# $(call with_server,PORT,LOG[,ENV]) COMMAND: serve build/bench-index on PORT (stopped when the line
+# ends), wait until it is ready, then run COMMAND against it
+with_server = $(3) $(CLI) serve --index build/bench-index --port $(1) > $(2) 2>&1 & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" EXIT; \
+	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(1)/readyz >/dev/null && break; sleep 0.5; done;
+
 bench: install ## measure: indexing images/s, QPS/latency under 32 clients, then overload shedding + recovery (stamps gallery)
 	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
-	@$(CLI) serve --index build/bench-index --port $(BENCH_PORT) > build/bench-server.log 2>&1 & pid=$$!; \
-	trap "kill $$pid 2>/dev/null" EXIT; \
-	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(BENCH_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	@$(call with_server,$(BENCH_PORT),build/bench-server.log) \
 	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration 20
 	@echo "overload: 96 clients against one server with MAX_QUEUE=8, then 8 clients (recovery)"
-	@CLIPSEARCH_MAX_QUEUE=8 $(CLI) serve --index build/bench-index --port $(OVERLOAD_PORT) > build/bench-overload.log 2>&1 & pid=$$!; \
-	trap "kill $$pid 2>/dev/null" EXIT; \
-	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(OVERLOAD_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	@$(call with_server,$(OVERLOAD_PORT),build/bench-overload.log,CLIPSEARCH_MAX_QUEUE=8) \
 	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 96 --duration 20 --allow-shed && \
 	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 8 --duration 10
 
 SOAK_S ?= 600
 soak: install ## memory under load: one server, 32 clients for SOAK_S seconds (default 600); RSS sampled from /metrics
 	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
-	@$(CLI) serve --index build/bench-index --port $(BENCH_PORT) > build/soak-server.log 2>&1 & pid=$$!; \
-	trap "kill $$pid 2>/dev/null" EXIT; \
-	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(BENCH_PORT)/readyz >/dev/null && break; sleep 0.5; done; \
+	@$(call with_server,$(BENCH_PORT),build/soak-server.log) \
 	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration $(SOAK_S)
 
 LB_DURATION ?= 60
