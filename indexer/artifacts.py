@@ -11,6 +11,8 @@ An index directory `OUT/` holds published versions and a `current` symlink namin
                            text_embeddings.npy, text.faiss   the text side (image -> text search)
                            rejects.jsonl      inputs that were not indexed, with their reason
     OUT/work/                                 shards of a run in progress
+    OUT/.trash-*/                             a directory being removed (see `remove_dir`)
+    OUT/.lock                                 held by the one indexer writing OUT (see `writer_lock`)
 
 A version is written completely (every file fsynced, the manifest last) and checked by loading it
 before `current` is swapped to it with one atomic rename, so readers only ever see complete
@@ -19,12 +21,15 @@ indexes; nothing is ever rewritten in place (a server may have the old files map
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,10 @@ FILES = ("embeddings.npy", "metadata.jsonl", "image.faiss", "texts.jsonl", "text
 
 class InvalidIndex(ValueError):
     """An index directory that is missing, incomplete, corrupt or of an unknown format."""
+
+
+class IndexBusy(RuntimeError):
+    """Another indexer is writing the same index directory."""
 
 
 def file_digest(path: Path) -> str:
@@ -182,6 +191,50 @@ def finish_version(version_dir: Path, manifest: dict[str, Any]) -> None:
     write_json(version_dir / MANIFEST, manifest)
 
 
+@contextmanager
+def writer_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `OUT/.lock` for one indexing run. Two runs on one directory would share (and wreck)
+    its work shards; the second is refused at once. The kernel drops the lock when its holder dies,
+    so a `kill -9` never leaves a stale lock behind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / ".lock").open("a+") as fp:
+        try:
+            fcntl.flock(fp.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fp.seek(0)
+            holder = fp.read().strip() or "unknown"
+            raise IndexBusy(f"{out_dir}: another indexer is writing this index (pid {holder}); "
+                            "wait for it to finish") from None
+        fp.seek(0)
+        fp.truncate()
+        fp.write(str(os.getpid()))
+        fp.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fp.fileno(), fcntl.LOCK_UN)
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a directory so that no reader ever sees it half deleted: rename it away in one step,
+    then delete the renamed tree. A kill during the delete leaves only a `.trash-*` directory, which
+    `sweep_trash` removes on the next run. (`shutil.rmtree` alone, killed midway, once left a work
+    directory whose shard index survived its vectors, and the next run failed on it.)"""
+    if not path.exists():
+        return
+    trash = path.parent / f".trash-{path.name}-{os.urandom(4).hex()}"
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep_trash(directory: Path) -> None:
+    """Finish the removals a killed run left behind (see `remove_dir`)."""
+    if directory.is_dir():
+        for trash in directory.glob(".trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 def publish(out_dir: Path, version_dir: Path, keep: int = 2) -> None:
     """Point `current` at `version_dir` atomically (after checking it loads); prune old versions."""
     load_index(version_dir)  # never publish what we cannot read back
@@ -194,4 +247,4 @@ def publish(out_dir: Path, version_dir: Path, keep: int = 2) -> None:
     live = version_dir.name
     versions = sorted(p for p in (out_dir / VERSIONS).iterdir() if p.is_dir() and p.name != live)
     for old in versions[: max(0, len(versions) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)

@@ -9,7 +9,6 @@ as exactly one of indexed (embedded or reused), duplicate, rejected (by reason) 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -189,10 +188,17 @@ def _unchanged(previous: artifacts.LoadedIndex | None, metadata: list[dict[str, 
 
 
 def run_index(source: Source, encoder: Any, config: IndexConfig) -> Summary:
-    """Index `source` into `config.out_dir` and publish the result (see module docstring)."""
+    """Index `source` into `config.out_dir` and publish the result (see module docstring). Raises
+    `artifacts.IndexBusy` when another run is writing the same directory."""
+    with artifacts.writer_lock(config.out_dir):
+        return _run(source, encoder, config)
+
+
+def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     started = time.time()
     out_dir = config.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.sweep_trash(out_dir)
+    artifacts.sweep_trash(out_dir / artifacts.VERSIONS)
     previous, previous_index = _previous_vectors(out_dir, encoder)
     work_dir = out_dir / artifacts.WORK
     next_shard, done = prepare_work_dir(work_dir, _run_key(source, encoder, config, previous_index))
@@ -220,13 +226,13 @@ def run_index(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     summary = _summarise(rows, started)
     summary.embed_seconds = time.time() - embed_started
     if _unchanged(previous_index, metadata, texts, rejects):
-        shutil.rmtree(work_dir, ignore_errors=True)
+        artifacts.remove_dir(work_dir)
         summary.unchanged = True
         summary.seconds = time.time() - started
         return summary
     image_vectors = vectors[vector_rows] if vector_rows else np.zeros((0, encoder.dim), np.float32)
     summary.published = _publish(source, encoder, config, image_vectors, metadata, texts, rejects, summary)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    artifacts.remove_dir(work_dir)
     summary.seconds = time.time() - started
     return summary
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.artifacts import remove_dir
 from indexer.embed import Outcome
 from models.checkpoint import write_json, write_jsonl, write_npy
 
@@ -89,18 +89,29 @@ def iter_shards(work_dir: Path) -> Iterator[tuple[list[ShardRow], np.ndarray]]:
         yield rows, vectors
 
 
+def _complete_shards(work_dir: Path) -> bool:
+    """Whether every shard index has its vectors and the shards are numbered 0..n-1 without gaps."""
+    indexes = sorted(work_dir.glob("shard_*.jsonl"))
+    expected = [f"shard_{i:05d}.jsonl" for i in range(len(indexes))]
+    return [p.name for p in indexes] == expected and all(p.with_suffix(".npy").is_file() for p in indexes)
+
+
 def prepare_work_dir(work_dir: Path, run_key: dict[str, Any]) -> tuple[int, set[str]]:
     """Open the work directory for a run: keep its shards if they belong to the same run (same
-    data, model and settings), else start afresh. Returns (next shard number, sources done)."""
+    data, model and settings) and are whole, else start afresh. Returns (next shard number,
+    sources done)."""
     run_file = work_dir / RUN_FILE
-    if run_file.is_file():
+    if work_dir.exists():
         try:
             same = json.loads(run_file.read_text()) == run_key
-        except json.JSONDecodeError:
+        except (OSError, json.JSONDecodeError):  # no run key: shards of unknown origin
             same = False
         if not same:
             logger.info("work directory %s belongs to another run: starting afresh", work_dir)
-            shutil.rmtree(work_dir)
+            remove_dir(work_dir)
+        elif not _complete_shards(work_dir):
+            logger.warning("work directory %s has incomplete shards: starting afresh", work_dir)
+            remove_dir(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run_key)
     for stray in work_dir.glob(".*.tmp"):  # a write interrupted by a kill

@@ -167,6 +167,68 @@ def test_resume_after_kill_gives_same_index(tmp_path: Path, tiny_model_dir: Path
     assert got.manifest["counts"]["rejected"] == want.manifest["counts"]["rejected"] == 6
 
 
+def test_run_after_a_kill_during_cleanup(tmp_path: Path, encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state a `kill -9` during the old `shutil.rmtree` of the work directory left in CI: the
+    run key and one shard's vectors gone, its `.jsonl` still there. The next run must not trust such
+    shards; and a directory whose removal was cut short (`.trash-*`) is finished off."""
+    from indexer import runner
+
+    make_messy_folder(tmp_path / "data", good=40, bad=2)
+    _index(tmp_path / "data", tmp_path / "reference", encoder, shard_size=8)
+    monkeypatch.setattr(runner, "_publish", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after its shards, before publishing
+        _index(tmp_path / "data", tmp_path / "killed", encoder, shard_size=8)
+    monkeypatch.undo()
+    work = tmp_path / "killed" / "work"
+    assert len(list(work.glob("shard_*.jsonl"))) == 6
+    (work / "run.json").unlink()
+    (work / "shard_00003.npy").unlink()
+    trash = tmp_path / "killed" / ".trash-work-0000"
+    (trash / "deep").mkdir(parents=True)
+    (trash / "deep" / "shard_00000.npy").write_bytes(b"x")
+    _index(tmp_path / "data", tmp_path / "killed", encoder, shard_size=8)
+    want, got = load_index(tmp_path / "reference"), load_index(tmp_path / "killed")
+    assert got.metadata == want.metadata and got.texts == want.texts
+    np.testing.assert_array_equal(got.embeddings, want.embeddings)
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [".lock", "current", "versions"]
+
+
+def test_second_indexer_on_the_same_directory_is_refused(tmp_path: Path, encoder) -> None:
+    """Two runs on one index directory would share its work shards: the second gets a clear error
+    while the first holds the lock, and runs normally once it is released."""
+    from indexer.artifacts import IndexBusy, writer_lock
+
+    make_messy_folder(tmp_path / "data", good=4, bad=0)
+    with writer_lock(tmp_path / "index"):
+        with pytest.raises(IndexBusy, match=f"another indexer is writing this index \\(pid {os.getpid()}\\)"):
+            _index(tmp_path / "data", tmp_path / "index", encoder)
+        assert not (tmp_path / "index" / "current").exists()
+    assert _index(tmp_path / "data", tmp_path / "index", encoder).indexed == 4
+
+
+def test_shards_with_a_gap_are_not_resumed(tmp_path: Path) -> None:
+    """A work directory with the right run key but a shard missing its vectors, or a gap in the
+    numbering, is started afresh instead of failing or double-numbering shards."""
+    from indexer.writer import prepare_work_dir
+
+    work, key = tmp_path / "work", {"run": 1}
+    for missing_npy in (True, False):
+        work.mkdir()
+        (work / "run.json").write_text(json.dumps(key))
+        for number in (0, 1, 2):
+            (work / f"shard_{number:05d}.jsonl").write_text("")
+            np.save(work / f"shard_{number:05d}.npy", np.zeros((0, 4), np.float32))
+        (work / ("shard_00001.npy" if missing_npy else "shard_00001.jsonl")).unlink()
+        assert prepare_work_dir(work, key) == (0, set())
+        assert not list(work.glob("shard_*")) and json.loads((work / "run.json").read_text()) == key
+        shutil.rmtree(work)
+    work.mkdir()  # whole shards with the same key are kept
+    (work / "run.json").write_text(json.dumps(key))
+    (work / "shard_00000.jsonl").write_text("")
+    np.save(work / "shard_00000.npy", np.zeros((0, 4), np.float32))
+    assert prepare_work_dir(work, key) == (1, set())
+
+
 def _version_files(index_dir: Path) -> dict[str, bytes]:
     live = (index_dir / "current").resolve()
     return {str(path.relative_to(live)): path.read_bytes() for path in sorted(live.rglob("*")) if path.is_file()}
