@@ -245,6 +245,10 @@ def publish(out_dir: Path, version_dir: Path, keep: int = 2) -> None:
     os.replace(tmp, link)
     fsync_dir(out_dir)
     live = version_dir.name
-    versions = sorted(p for p in (out_dir / VERSIONS).iterdir() if p.is_dir() and p.name != live)
-    for old in versions[: max(0, len(versions) - (keep - 1))]:
+    others = sorted(p for p in (out_dir / VERSIONS).iterdir() if p.is_dir() and p.name != live)
+    # a version without its manifest was cut short by a kill; it must not take the place of the
+    # last complete one (the writer lock means no other run is still writing it)
+    complete = [p for p in others if (p / MANIFEST).is_file()]
+    stale = [p for p in others if p not in complete] + complete[: max(0, len(complete) - (keep - 1))]
+    for old in stale:
         remove_dir(old)

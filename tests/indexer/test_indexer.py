@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from indexer.artifacts import InvalidIndex, load_index
 from indexer.reader import open_source
@@ -103,8 +104,6 @@ def test_incremental_add_change_delete(tmp_path: Path, encoder, float16: bool) -
     first = load_index(tmp_path / "index")
     files = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")
     files[0].unlink()  # delete
-    from PIL import Image
-
     Image.new("RGB", (30, 30), (5, 5, 5)).save(files[1])  # change (same name, other content)
     Image.new("RGB", (30, 30), (250, 5, 5)).save(tmp_path / "data" / "new.png")  # add
     summary = _index(tmp_path / "data", tmp_path / "index", encoder, float16=float16)
@@ -191,6 +190,22 @@ def test_run_after_a_kill_during_cleanup(tmp_path: Path, encoder, monkeypatch: p
     assert got.metadata == want.metadata and got.texts == want.texts
     np.testing.assert_array_equal(got.embeddings, want.embeddings)
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [".lock", "current", "versions"]
+
+
+def test_pruning_keeps_the_last_complete_version(tmp_path: Path, encoder) -> None:
+    """A version folder a kill cut short (no manifest) is pruned at the next publish, and never
+    instead of the previous complete version."""
+    make_messy_folder(tmp_path / "data", good=4, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    first = load_index(tmp_path / "index").version
+    partial = tmp_path / "index" / "versions" / "99991231T000000-ffffff"  # sorts after every real one
+    partial.mkdir()
+    (partial / "embeddings.npy").write_bytes(b"half")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "data" / "new.png")
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    second = load_index(tmp_path / "index").version
+    kept = sorted(p.name for p in (tmp_path / "index" / "versions").iterdir())
+    assert kept == sorted([Path(first).name, Path(second).name])
 
 
 def test_second_indexer_on_the_same_directory_is_refused(tmp_path: Path, encoder) -> None:
