@@ -245,7 +245,8 @@ def publish(out_dir: Path, version_dir: Path, keep: int = 2) -> None:
     os.replace(tmp, link)
     fsync_dir(out_dir)
     live = version_dir.name
-    others = sorted(p for p in (out_dir / VERSIONS).iterdir() if p.is_dir() and p.name != live)
+    others = sorted(p for p in (out_dir / VERSIONS).iterdir()
+                    if p.is_dir() and p.name != live and not p.name.startswith("."))
     # a version without its manifest was cut short by a kill; it must not take the place of the
     # last complete one (the writer lock means no other run is still writing it)
     complete = [p for p in others if (p / MANIFEST).is_file()]
