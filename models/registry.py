@@ -11,11 +11,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import open_clip
+
+from models.checkpoint import atomic_write
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -100,9 +103,24 @@ def register_config(model_config: dict[str, Any]) -> str:
     name = "clipsearch-dyn-" + hashlib.sha256(text.encode()).hexdigest()[:12]
     register_project_configs()
     if open_clip.get_model_config(name) is None:
-        folder = Path(tempfile.gettempdir()) / "clipsearch-configs"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.json"
-        path.write_text(text)
-        open_clip.add_model_config(path)
+        open_clip.add_model_config(write_config_file(name, text))
     return name
+
+
+def write_config_file(name: str, text: str) -> Path:
+    """Write a config where open_clip can read it; safe while other processes read the same file.
+
+    open_clip only registers configs from files, and every `add_model_config` re-reads every file
+    registered before. Replicas starting together register the same content-named file, so a plain
+    write (truncate, then fill) let one replica read it empty and fail at startup. The file is
+    replaced atomically instead, and left alone when it already holds the same text.
+    """
+    folder = Path(tempfile.gettempdir()) / f"clipsearch-configs-{os.getuid()}"
+    path = folder / f"{name}.json"
+    try:
+        if path.read_text() == text:
+            return path
+    except OSError:
+        pass
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
