@@ -191,6 +191,14 @@ def finish_version(version_dir: Path, manifest: dict[str, Any]) -> None:
     write_json(version_dir / MANIFEST, manifest)
 
 
+def ensure_not_busy(out_dir: Path) -> None:
+    """Raise `IndexBusy` now if another indexer holds `out_dir`. Front ends call this before the
+    model load (seconds) so a refused run is refused at once; the run still takes the lock itself."""
+    if (out_dir / ".lock").exists():
+        with writer_lock(out_dir):
+            pass
+
+
 @contextmanager
 def writer_lock(out_dir: Path) -> Iterator[None]:
     """Hold `OUT/.lock` for one indexing run. Two runs on one directory would share (and wreck)

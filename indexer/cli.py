@@ -11,6 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def _index(args: argparse.Namespace) -> int:
+    from indexer.artifacts import ensure_not_busy
     from indexer.ray_backend import RayOptions
     from indexer.reader import open_source
     from indexer.runner import IndexConfig, run_index
@@ -18,6 +19,7 @@ def _index(args: argparse.Namespace) -> int:
     from models.images import ImageLimits
 
     source = open_source(args.data, args.image_column, args.caption_column)
+    ensure_not_busy(args.out)
     encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size)
     logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.device,
                 len(source.records), source.root)

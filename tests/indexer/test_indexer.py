@@ -221,6 +221,23 @@ def test_second_indexer_on_the_same_directory_is_refused(tmp_path: Path, encoder
     assert _index(tmp_path / "data", tmp_path / "index", encoder).indexed == 4
 
 
+def test_busy_index_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch, caplog) -> None:
+    """`clipsearch index` on a directory another indexer holds fails with the holder's pid and
+    exit code 2, without spending seconds on a model load first."""
+    import models.encoder
+    from app.cli import main
+    from indexer.artifacts import writer_lock
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run that had to be refused")
+
+    monkeypatch.setattr(models.encoder, "load_encoder", no_load)
+    make_messy_folder(tmp_path / "data", good=2, bad=0)
+    with writer_lock(tmp_path / "index"):
+        assert main(["index", str(tmp_path / "data"), "--out", str(tmp_path / "index"), "--quiet"]) == 2
+    assert f"another indexer is writing this index (pid {os.getpid()})" in caplog.text
+
+
 def test_shards_with_a_gap_are_not_resumed(tmp_path: Path) -> None:
     """A work directory with the right run key but a shard missing its vectors, or a gap in the
     numbering, is started afresh instead of failing or double-numbering shards."""
