@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "clipsearch-minilm-cnn"
 HELD_OUT_FRACTION = 0.2
-DEFAULT_EPOCHS = 120  # TrivialAugment keeps improving long after the plain recipe plateaus
+# TrivialAugment keeps improving long after the plain recipe plateaus; 240 over 120 was chosen on
+# two inner splits by a rule fixed beforehand (README, experiment table), not on the held-out set.
+DEFAULT_EPOCHS = 240
 # Each image embedding is mixed with its 50 nearest training captions (see models.caption_bank).
 # Chosen on an inner split of the training images (a model trained on the rest), never on the
 # held-out images that the README's recall is measured on.
