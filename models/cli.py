@@ -124,8 +124,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
+    from models.default_data import build_default_dataset
     from models.default_model import export_default_model, train_default_model
 
+    if args.data_only:  # seconds: enough to score the committed model on its held-out set
+        build_default_dataset(args.data_dir)
+        print(args.data_dir / "eval.jsonl")
+        return 0
     started = time.time()
     from models.default_model import DEFAULT_EPOCHS
 
@@ -188,6 +193,8 @@ def add_commands(subparsers: Any) -> None:
     model.add_argument("--run-dir", type=Path, default=Path("runs/default"))
     model.add_argument("--epochs", type=int, default=None, help="default: the recipe's own")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
+    model.add_argument("--data-only", action="store_true",
+                       help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")
     model.add_argument("--quiet", action="store_true")
     model.set_defaults(handler=_model)
 

@@ -48,3 +48,21 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapture
     code = main(["eval", str(tmp_path / "nowhere.jsonl"), "--model", TINY, "--quiet"])
     assert code == 2
     assert "no such file or folder" in caplog.text
+
+
+def test_model_data_only_builds_the_data_and_trains_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`clipsearch model --data-only` is how a fresh clone gets the held-out set to score the
+    committed model on, in seconds: it must build the data and never start training."""
+    import models.default_data
+    import models.default_model
+
+    built: list[Path] = []
+    monkeypatch.setattr(models.default_data, "build_default_dataset", lambda out: built.append(out) or out / "train.jsonl")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--data-only started a training run")
+
+    monkeypatch.setattr(models.default_model, "train_default_model", no_training)
+    assert main(["model", "--data-only", "--data-dir", str(tmp_path / "data")]) == 0
+    assert built == [tmp_path / "data"]
+    assert capsys.readouterr().out.strip() == str(tmp_path / "data" / "eval.jsonl")
