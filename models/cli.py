@@ -132,10 +132,12 @@ def _model(args: argparse.Namespace) -> int:
         print(args.data_dir / "eval.jsonl")
         return 0
     started = time.time()
-    from models.default_model import DEFAULT_EPOCHS
+    from models.default_model import DEFAULT_EPOCHS, RESTART_EPOCHS
 
     epochs = args.epochs or DEFAULT_EPOCHS
-    trained = train_default_model(args.data_dir, args.run_dir, epochs=epochs, progress=not args.quiet)
+    restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
+    trained = train_default_model(args.data_dir, args.run_dir, epochs=epochs, restart_epochs=restart_epochs,
+                                  progress=not args.quiet)
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if args.no_export:
         print(trained)
@@ -191,7 +193,9 @@ def add_commands(subparsers: Any) -> None:
     model = subparsers.add_parser("model", help="rebuild the embedded default model from Debian packages")
     model.add_argument("--data-dir", type=Path, default=Path("build/default-data"))
     model.add_argument("--run-dir", type=Path, default=Path("runs/default"))
-    model.add_argument("--epochs", type=int, default=None, help="default: the recipe's own")
+    model.add_argument("--epochs", type=int, default=None, help="first cycle; default: the recipe's own")
+    model.add_argument("--restart-epochs", type=int, default=None,
+                       help="a second cycle of this many epochs, a warm restart from the first (default: the recipe's, 0: none)")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

@@ -66,3 +66,20 @@ def test_model_data_only_builds_the_data_and_trains_nothing(tmp_path: Path, monk
     assert main(["model", "--data-only", "--data-dir", str(tmp_path / "data")]) == 0
     assert built == [tmp_path / "data"]
     assert capsys.readouterr().out.strip() == str(tmp_path / "data" / "eval.jsonl")
+
+
+def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`--epochs` sets the first cycle, `--restart-epochs` the optional second; unset, the recipe's own."""
+    import models.default_model
+
+    calls: list[tuple[int, int]] = []
+
+    def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool) -> Path:
+        calls.append((epochs, restart_epochs))
+        return run_dir / "model"
+
+    monkeypatch.setattr(models.default_model, "train_default_model", record)
+    assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path), "--epochs", "3", "--restart-epochs", "2"]) == 0
+    assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path)]) == 0
+    assert calls == [(3, 2), (models.default_model.DEFAULT_EPOCHS, models.default_model.RESTART_EPOCHS)]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "model")] * 2

@@ -76,3 +76,42 @@ def test_everyday_queries_find_their_category(default_encoder) -> None:
         top = [paths[i] for i in np.argsort(-scores[row])[:5]]
         hits = sum(folder in p.relative_to(STAMPS).parts for p in top)
         assert hits >= 3, (query, [str(p.relative_to(STAMPS)) for p in top])
+
+
+def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make model` trains a second cosine cycle that starts from the first cycle's weights (not
+    from scratch), in a run directory of its own so that each cycle resumes on its own."""
+    import json
+    from dataclasses import replace
+
+    import models.default_model as recipe
+    from models.checkpoint import load_weights, read_model_dir
+
+    manifest = tmp_path / "pairs.jsonl"
+    rows = [{"image": str(p), "caption": p.with_suffix(".txt").read_text().splitlines()[0]}
+            for p in sorted(shapes_folder.rglob("*.png"))]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    full_recipe = recipe.default_train_config
+
+    def tiny_recipe(run_dir: Path, epochs: int, progress: bool):
+        return replace(full_recipe(run_dir, epochs, progress), batch_size=16, max_steps=3)
+
+    monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
+    monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
+    monkeypatch.setattr(recipe, "default_train_config", tiny_recipe)
+    # A learning rate too small to move a weight by more than ~1e-12: the second cycle must then end
+    # where the first one did, which a restart from fresh weights (spread ~0.02) could not.
+    monkeypatch.setattr(recipe, "RESTART_LR", 1e-12)
+
+    torch.manual_seed(0)
+    trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1, progress=False)
+    assert trained == tmp_path / "run" / "restart" / "model"
+    restart_metrics = json.loads((tmp_path / "run" / "restart" / "metrics.json").read_text())
+    assert restart_metrics["epochs"][-1]["step"] == 3  # it did train
+    first = load_weights(read_model_dir(tmp_path / "run" / "model")[1])
+    second = load_weights(read_model_dir(trained)[1])
+    learned = [k for k in first if k.startswith("visual.") and first[k].is_floating_point() and "running_" not in k]
+    assert learned and all(torch.allclose(first[k], second[k], rtol=0, atol=1e-9) for k in learned)
+
+    skipped = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=0, progress=False)
+    assert skipped == tmp_path / "run" / "model"
