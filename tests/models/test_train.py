@@ -21,7 +21,8 @@ from models.checkpoint import FULL_WEIGHTS_NAME
 from models.config import AugmentConfig, TrainConfig
 from models.data import Pair, read_pairs
 from models.encoder import create_model
-from models.train import Examples, Trainer, soft_targets
+from models.train import Trainer, soft_targets
+from models.train_data import Examples
 
 from ..conftest import TINY, make_shapes_folder
 
@@ -142,7 +143,7 @@ def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None
     from PIL import Image
     from torchvision import transforms
 
-    from models.train import train_transform
+    from models.train_data import train_transform
 
     preprocess = {"size": 32, "resize_mode": "longest", "fill_color": 255, "mean": (0.5,) * 3, "std": (0.5,) * 3}
     plain = train_transform(preprocess, AugmentConfig())
