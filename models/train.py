@@ -41,6 +41,17 @@ from models.train_data import Examples, PairDataset, ResumableSampler, decode_pa
 logger = logging.getLogger(__name__)
 
 
+# Settings a resumed run may change: where it writes, how often it saves, how it shows progress,
+# where it runs. Any other difference would silently continue another recipe's run (a run
+# directory of a 120-epoch recipe resumed as a 240-epoch one gets neither schedule).
+_FREE_ON_RESUME = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints", "num_workers", "device", "progress"})
+
+
+def recipe_of(config: TrainConfig) -> dict[str, str]:
+    """The settings that decide what a run computes, as comparable strings (saved in checkpoints)."""
+    return {k: repr(v) for k, v in sorted(asdict(config).items()) if k not in _FREE_ON_RESUME}
+
+
 def _text_parameter_names(model: torch.nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
 
@@ -242,6 +253,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": asdict(self.progress),
+            "recipe": recipe_of(self.config),
             "metrics": self.metrics,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }
@@ -256,6 +268,16 @@ class Trainer:
         if path is None:
             return False
         state = checkpoint.load_train_state(path)
+        saved, wanted = state.get("recipe"), recipe_of(self.config)
+        if saved is not None and saved != wanted:  # checkpoints from before this check carry none
+            changes = ", ".join(
+                f"{k} {saved.get(k)} -> {wanted.get(k)}" for k in sorted(saved.keys() | wanted.keys())
+                if saved.get(k) != wanted.get(k)
+            )
+            raise ValueError(
+                f"{self.config.output_dir} holds a run with other settings ({changes}); resume it with "
+                "the settings it started with, or train into a new directory"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -83,3 +83,18 @@ def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, cap
     assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path)]) == 0
     assert calls == [(3, 2), (models.default_model.DEFAULT_EPOCHS, models.default_model.RESTART_EPOCHS)]
     assert capsys.readouterr().out.split() == [str(tmp_path / "model")] * 2
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run directory continues only the run it holds: resuming it with another schedule would
+    train neither recipe, silently. Where it writes, how often it saves and what it prints may change."""
+    from ..conftest import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    run = ["train", str(data), "--out", str(tmp_path / "run"), "--model", TINY, "--batch-size", "16",
+           "--val-fraction", "0.25", "--warmup-steps", "1", "--device", "cpu", "--quiet"]
+    assert main([*run, "--epochs", "1"]) == 0
+    assert main([*run, "--epochs", "2", "--lr", "1e-3"]) == 2
+    assert "epochs 1 -> 2" in caplog.text and "lr 0.0005 -> 0.001" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert main([*run, "--epochs", "1", "--checkpoint-every", "7"]) == 0
