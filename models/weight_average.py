@@ -49,7 +49,12 @@ def average_model_dirs(sources: Sequence[Path], target: Path) -> Path:
     _, weights_path = checkpoint.read_model_dir(staging)
     checkpoint.atomic_write(weights_path, lambda tmp: save_file(averaged, str(tmp)))
     config = checkpoint.read_model_dir(staging)[0]
-    config["clipsearch"]["averaged_from"] = len(sources)
+    # The last source's step count would describe one snapshot only: each source's goes here.
+    config["clipsearch"].pop("trained_steps", None)
+    config["clipsearch"]["averaged_from"] = [
+        {"model": str(source), "trained_steps": c.get("clipsearch", {}).get("trained_steps")}
+        for source, c in zip(sources, configs, strict=True)
+    ]
     checkpoint.write_json(staging / checkpoint.CONFIG_NAME, config)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

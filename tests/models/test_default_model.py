@@ -80,7 +80,8 @@ def test_everyday_queries_find_their_category(default_encoder) -> None:
 
 def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`make model` trains a second cosine cycle that starts from the first cycle's weights (not
-    from scratch), in a run directory of its own so that each cycle resumes on its own."""
+    from scratch), in a run directory of its own so that each cycle resumes on its own, and ships
+    the average of the two cycles' weights."""
     import json
     from dataclasses import replace
 
@@ -105,13 +106,17 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
 
     torch.manual_seed(0)
     trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1, progress=False)
-    assert trained == tmp_path / "run" / "restart" / "model"
+    assert trained == tmp_path / "run" / "average"
     restart_metrics = json.loads((tmp_path / "run" / "restart" / "metrics.json").read_text())
     assert restart_metrics["epochs"][-1]["step"] == 3  # it did train
     first = load_weights(read_model_dir(tmp_path / "run" / "model")[1])
-    second = load_weights(read_model_dir(trained)[1])
+    second = load_weights(read_model_dir(tmp_path / "run" / "restart" / "model")[1])
+    averaged = load_weights(read_model_dir(trained)[1])
     learned = [k for k in first if k.startswith("visual.") and first[k].is_floating_point() and "running_" not in k]
     assert learned and all(torch.allclose(first[k], second[k], rtol=0, atol=1e-9) for k in learned)
+    # the model is the average of the two cycles' ends
+    assert all(torch.equal(averaged[k], ((first[k].double() + second[k].double()) / 2).to(first[k].dtype))
+               for k in first if first[k].is_floating_point())
 
     skipped = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=0, progress=False)
     assert skipped == tmp_path / "run" / "model"

@@ -41,7 +41,9 @@ def test_average_is_the_tensorwise_mean_and_loads(tmp_path: Path, sample_images)
     for k in set(wa) - set(floats):
         assert torch.equal(mean[k], wb[k])
     assert not (target / "stale.txt").exists()  # the target is replaced whole
-    assert read_model_dir(target)[0]["clipsearch"]["averaged_from"] == 2
+    meta = read_model_dir(target)[0]["clipsearch"]
+    assert [source["model"] for source in meta["averaged_from"]] == [str(a), str(b)]
+    assert "trained_steps" not in meta  # the last source's alone would mislead
 
     encoder = load_encoder(str(target), device="cpu")
     images, texts = encoder.encode_images(sample_images), encoder.encode_texts(["a red square"])
