@@ -195,7 +195,8 @@ def add_commands(subparsers: Any) -> None:
     model.add_argument("--run-dir", type=Path, default=Path("runs/default"))
     model.add_argument("--epochs", type=int, default=None, help="first cycle; default: the recipe's own")
     model.add_argument("--restart-epochs", type=int, default=None,
-                       help="a second cycle of this many epochs, a warm restart from the first (default: the recipe's, 0: none)")
+                       help="a second cycle of this many epochs from the first one's weights; the model is then "
+                       "the average of both (default: the recipe's; 0: one cycle only)")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")
