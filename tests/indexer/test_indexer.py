@@ -27,8 +27,8 @@ from .conftest import make_messy_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 # A resumed or repeated run embeds the same images, but in other batches or another process. CPU
-# math libraries may round differently then (seen on one CI machine: 53 of 9,600 values off by
-# 6e-8), so "the same index" means the same items and vectors equal to float32 rounding.
+# math libraries may round differently then (seen on a freshly installed machine: 53 of 9,600
+# values off by 6e-8), so "the same index" means the same items and vectors equal to float32 rounding.
 SAME_VECTOR_ATOL = 1e-6
 
 
@@ -315,7 +315,7 @@ def test_kill_at_random_points_leaves_the_published_index_alone(tmp_path: Path, 
 
     def is_reference(index) -> bool:
         return index.metadata == reference.metadata and np.allclose(
-                index.embeddings, reference.embeddings, rtol=0, atol=SAME_VECTOR_ATOL)
+            index.embeddings, reference.embeddings, rtol=0, atol=SAME_VECTOR_ATOL)
 
     # Ten kill points spread over the work (reading, embedding, shards, FAISS build, publishing),
     # earliest first: each run resumes from the shards the killed ones left, so the last kills may
