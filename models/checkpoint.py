@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,30 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_dir(target: Path, build: Callable[[Path], object]) -> Path:
+    """Build a directory with `build(staging)` beside `target`, then put it in `target`'s place.
+
+    Readers never see a half-written directory: if `build` raises, `target` is left as it was and
+    the staging folder is removed. The swap is two renames (old out, new in), so `target` is
+    missing only between them; a kill there leaves the complete new directory as `TARGET.tmp`.
+    """
+    staging = target.with_name(target.name + ".tmp")
+    retired = target.with_name(target.name + ".old")
+    for stale in (staging, retired):  # left by a run killed mid-publish
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        build(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    fsync_dir(target.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+    return target
 
 
 def write_json(path: Path, data: Any) -> None:

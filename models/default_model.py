@@ -9,7 +9,6 @@ and emoji (see `models.default_data`). Only the image tower, the temperature and
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,24 +93,23 @@ def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) ->
     embedded model folder."""
     loaded = load_model_dir(trained_dir)
     config, _ = checkpoint.read_model_dir(trained_dir)
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     model_config = config["model_cfg"]
     hub_id = config["clipsearch"].get("text_hub_id")
     if hub_id:  # name the text tower portably; the loader maps the id to the installed package
         model_config["text_cfg"]["hf_model_name"] = model_config["text_cfg"]["hf_tokenizer_name"] = hub_id
     meta = {k: v for k, v in config["clipsearch"].items() if k != "weights"}
-    if loaded.caption_bank is not None:
-        meta[CAPTION_BANK_KEY] = loaded.caption_bank.save(staging, dtype=torch.float16)
-    checkpoint.save_model_dir(
-        staging,
-        loaded.model,
-        model_config,
-        config["preprocess_cfg"],
-        meta,
-        only=("visual.", "logit_scale"),
-        dtype=torch.float16,
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
+
+    def build(staging: Path) -> None:
+        if loaded.caption_bank is not None:
+            meta[CAPTION_BANK_KEY] = loaded.caption_bank.save(staging, dtype=torch.float16)
+        checkpoint.save_model_dir(
+            staging,
+            loaded.model,
+            model_config,
+            config["preprocess_cfg"],
+            meta,
+            only=("visual.", "logit_scale"),
+            dtype=torch.float16,
+        )
+
+    return checkpoint.publish_dir(target, build)

@@ -43,22 +43,19 @@ def average_model_dirs(sources: Sequence[Path], target: Path) -> Path:
         ).contiguous()
         for name, tensor in first_state.items()
     }
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(sources[-1], staging)
-    _, weights_path = checkpoint.read_model_dir(staging)
-    checkpoint.atomic_write(weights_path, lambda tmp: save_file(averaged, str(tmp)))
-    config = checkpoint.read_model_dir(staging)[0]
-    # The last source's step count would describe one snapshot only: each source's goes here.
-    config["clipsearch"].pop("trained_steps", None)
-    config["clipsearch"]["averaged_from"] = [
-        {"model": str(source), "trained_steps": c.get("clipsearch", {}).get("trained_steps")}
-        for source, c in zip(sources, configs, strict=True)
-    ]
-    checkpoint.write_json(staging / checkpoint.CONFIG_NAME, config)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
+    def build(staging: Path) -> None:
+        shutil.copytree(sources[-1], staging)
+        config, weights_path = checkpoint.read_model_dir(staging)
+        checkpoint.atomic_write(weights_path, lambda tmp: save_file(averaged, str(tmp)))
+        # The last source's step count would describe one snapshot only: each source's goes here.
+        config["clipsearch"].pop("trained_steps", None)
+        config["clipsearch"]["averaged_from"] = [
+            {"model": str(source), "trained_steps": c.get("clipsearch", {}).get("trained_steps")}
+            for source, c in zip(sources, configs, strict=True)
+        ]
+        checkpoint.write_json(staging / checkpoint.CONFIG_NAME, config)
+
+    return checkpoint.publish_dir(target, build)
 
 
 def _read(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

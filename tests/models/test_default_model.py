@@ -120,3 +120,20 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
 
     skipped = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=0, progress=False)
     assert skipped == tmp_path / "run" / "model"
+
+
+def test_export_of_the_committed_model_gives_the_committed_model(default_encoder, tmp_path: Path) -> None:
+    """`make model`'s last step: exporting (trained parts in float16, the caption bank, a portable
+    text-tower name) is lossless on what it ships, and replaces an existing target whole."""
+    from models.default_model import export_default_model
+
+    target = tmp_path / "default"
+    target.mkdir()
+    (target / "stale.txt").write_text("from an older export")
+    assert export_default_model(DEFAULT_MODEL_DIR, target) == target
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default"]
+    assert (target / PARTIAL_WEIGHTS_NAME).read_bytes() == (DEFAULT_MODEL_DIR / PARTIAL_WEIGHTS_NAME).read_bytes()
+    assert (target / BANK_FILE).read_bytes() == (DEFAULT_MODEL_DIR / BANK_FILE).read_bytes()
+    exported = load_encoder(str(target))
+    assert exported.fingerprint == default_encoder.fingerprint
