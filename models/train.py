@@ -269,7 +269,10 @@ class Trainer:
             return False
         state = checkpoint.load_train_state(path)
         saved, wanted = state.get("recipe"), recipe_of(self.config)
-        if saved is not None and saved != wanted:  # checkpoints from before this check carry none
+        if saved is None:  # written before checkpoints recorded their settings
+            logger.warning("%s records no training settings: resuming it unchecked; it continues with "
+                           "the settings given now, which may not be the ones it started with", path)
+        elif saved != wanted:
             changes = ", ".join(
                 f"{k} {saved.get(k)} -> {wanted.get(k)}" for k in sorted(saved.keys() | wanted.keys())
                 if saved.get(k) != wanted.get(k)

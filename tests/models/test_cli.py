@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,27 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path, caplog: pytest.
     assert "epochs 1 -> 2" in caplog.text and "lr 0.0005 -> 0.001" in caplog.text
     assert "Traceback" not in caplog.text
     assert main([*run, "--epochs", "1", "--checkpoint-every", "7"]) == 0
+
+
+def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints written before runs recorded their settings cannot be checked: they still resume,
+    and the log says that the settings went unchecked."""
+    from models.checkpoint import latest_train_state, load_train_state
+
+    from ..conftest import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    run = ["train", str(data), "--out", str(tmp_path / "run"), "--model", TINY, "--batch-size", "16",
+           "--val-fraction", "0.25", "--warmup-steps", "1", "--device", "cpu", "--quiet"]
+    assert main([*run, "--epochs", "1"]) == 0
+    path = latest_train_state(tmp_path / "run")
+    assert path is not None
+    state = load_train_state(path)
+    del state["recipe"]
+    torch.save(state, path)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="models.train")
+    assert main([*run, "--epochs", "2"]) == 0
+    assert "records no training settings" in caplog.text and "resumed from" in caplog.text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
