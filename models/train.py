@@ -134,11 +134,14 @@ def evaluate_pairs(
     device: torch.device,
     batch_size: int = 128,
     caption_bank: CaptionBank | None = None,
+    caption_features: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways over `examples` (images taken from `cache` when present).
 
     With a `caption_bank`, the recalls of the image embeddings it mixes are added under keys
     prefixed `caption_bank_`; the unprefixed ones stay those of the image tower alone.
+    `caption_features`: the `examples.captions` already embedded (a locked text tower), else
+    they are embedded here.
     """
     was_training = model.training
     model.eval()
@@ -151,7 +154,11 @@ def evaluate_pairs(
         features.append(F.normalize(model.encode_image(torch.stack(batch).to(device)).float(), dim=-1))
     model.train(was_training)
     image_features = torch.cat(features)
-    text_features = embed_captions(model, tokenizer, examples.captions, device).cpu().numpy()
+    text_features = (
+        caption_features
+        if caption_features is not None
+        else embed_captions(model, tokenizer, examples.captions, device).cpu().numpy()
+    )
     caption_ids = np.array([c for _, c in examples.pairs], dtype=np.int64)
     owners = np.array([i for i, _ in examples.pairs], dtype=np.int64)
     recall = retrieval_recall(image_features.cpu().numpy(), text_features[caption_ids], owners)
@@ -244,6 +251,7 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.progress = _Progress()
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
+        self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -333,9 +341,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.held_examples.pairs:
             return {}
+        if self.text_frozen and self.held_caption_features is None:
+            # A locked text tower embeds the held-out captions the same way every epoch; with a
+            # small image tower that was about 40 % of an epoch on the CPU.
+            self.held_caption_features = embed_captions(
+                self.model, self.tokenizer, self.held_examples.captions, self.device
+            ).cpu().numpy()
         return evaluate_pairs(
             self.model, self.tokenizer, self.eval_preprocess, self.held_examples, self.held_cache, self.device,
-            caption_bank=self._caption_bank(),
+            caption_bank=self._caption_bank(), caption_features=self.held_caption_features,
         )
 
     def _caption_bank(self) -> CaptionBank | None:

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from models import load_encoder
+from models import train as train_module
 from models.checkpoint import FULL_WEIGHTS_NAME
 from models.config import AugmentConfig, TrainConfig
 from models.data import Pair, read_pairs
 from models.encoder import create_model
-from models.train import Trainer, soft_targets
+from models.train import Trainer, evaluate_pairs, soft_targets
 from models.train_data import Examples
 
 from ..conftest import TINY, make_shapes_folder
@@ -101,6 +102,28 @@ def test_locked_text_tower_stays_put(shapes_folder: Path, tmp_path: Path) -> Non
     assert text_keys and image_keys
     assert all(torch.equal(before[k], after[k]) for k in text_keys)
     assert any(not torch.equal(before[k], after[k]) for k in image_keys)
+
+
+def test_locked_text_tower_embeds_the_held_out_captions_once(
+    shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = _trainer(shapes_folder, _config(tmp_path / "run", epochs=3, lock_text=True))
+    calls: list[int] = []
+    embed = train_module.embed_captions
+
+    def counting(model, tokenizer, captions, device, *args, **kwargs):
+        calls.append(len(captions))
+        return embed(model, tokenizer, captions, device, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "embed_captions", counting)
+    result = trainer.run()
+    # once for the training captions (the bank), once for the held-out ones: not once an epoch
+    assert len(result.metrics) == 3
+    assert calls == [len(trainer.train_examples.captions), len(trainer.held_examples.captions)]
+    # the cached captions score exactly as captions embedded afresh
+    fresh = evaluate_pairs(trainer.model, trainer.tokenizer, trainer.eval_preprocess, trainer.held_examples,
+                           trainer.held_cache, trainer.device)
+    assert trainer.evaluate() == fresh
 
 
 def _train_command(data: Path, out: Path) -> list[str]:
