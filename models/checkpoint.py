@@ -8,9 +8,12 @@ pretrained towers are loaded from their own source). Every file is written atomi
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -52,12 +55,35 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`), so that
+    neither name is ever missing. False where the system or file system cannot, and nothing moved."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library older than glibc 2.28, or another libc
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a file system without it
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
+
+
 def publish_dir(target: Path, build: Callable[[Path], object]) -> Path:
     """Build a directory with `build(staging)` beside `target`, then put it in `target`'s place.
 
     Readers never see a half-written directory: if `build` raises, `target` is left as it was and
-    the staging folder is removed. The swap is two renames (old out, new in), so `target` is
-    missing only between them; a kill there leaves the complete new directory as `TARGET.tmp`.
+    the staging folder is removed. On Linux the old and the new directory trade places in one
+    atomic step, so `target` is never missing. Elsewhere the swap is two renames (old out, new in),
+    with `target` missing between them; a kill there leaves the complete new directory as
+    `TARGET.tmp`. What a killed publish leaves is cleared by the next one.
     """
     staging = target.with_name(target.name + ".tmp")
     retired = target.with_name(target.name + ".old")
@@ -68,9 +94,12 @@ def publish_dir(target: Path, build: Callable[[Path], object]) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if target.exists():
-        target.rename(retired)
-    staging.rename(target)
+    if target.exists() and exchange_dirs(staging, target):
+        retired = staging  # now holds the old directory
+    else:
+        if target.exists():
+            target.rename(retired)
+        staging.rename(target)
     fsync_dir(target.parent)
     shutil.rmtree(retired, ignore_errors=True)
     return target

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from models.checkpoint import publish_dir
+from models import checkpoint
+from models.checkpoint import exchange_dirs, publish_dir
 
 
 def _write(files: dict[str, str]):
@@ -49,3 +51,46 @@ def test_leftovers_of_a_killed_publish_are_cleared(tmp_path: Path) -> None:
     publish_dir(target, _write({"a.txt": "new"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_exchange_swaps_two_directories_in_one_step(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write({"from-a.txt": "a"})(a)
+    _write({"from-b.txt": "b"})(b)
+    assert exchange_dirs(a, b)  # tmpfs and ext4 both support it
+    assert [p.name for p in a.iterdir()] == ["from-b.txt"]
+    assert [p.name for p in b.iterdir()] == ["from-a.txt"]
+    with pytest.raises(FileNotFoundError):
+        exchange_dirs(a, tmp_path / "missing")
+
+
+def test_publish_without_an_atomic_exchange_falls_back_to_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoint, "exchange_dirs", lambda a, b: False)
+    target = tmp_path / "model"
+    publish_dir(target, _write({"a.txt": "old"}))
+    publish_dir(target, _write({"a.txt": "new"}))
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_replacing_a_directory_is_one_exchange_not_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "model"
+    publish_dir(target, _write({"a.txt": "old"}))
+    renamed: list[str] = []
+    real_rename = Path.rename
+
+    def watched_rename(self: Path, to: Path):  # the two-rename swap, where `target` goes missing
+        renamed.append(self.name)
+        return real_rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", watched_rename)
+    publish_dir(target, _write({"a.txt": "new"}))
+    assert renamed == []
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
