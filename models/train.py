@@ -342,8 +342,8 @@ class Trainer:
         if not self.held_examples.pairs:
             return {}
         if self.text_frozen and self.held_caption_features is None:
-            # A locked text tower embeds the held-out captions the same way every epoch; with a
-            # small image tower that was about 40 % of an epoch on the CPU.
+            # A locked text tower embeds the held-out captions the same way every epoch: for the
+            # default model on 2 CPU cores that was 5.5 s of a 21 s epoch.
             self.held_caption_features = embed_captions(
                 self.model, self.tokenizer, self.held_examples.captions, self.device
             ).cpu().numpy()
