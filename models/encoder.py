@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,12 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from models import checkpoint, registry
 from models.caption_bank import CaptionBank
 from models.load_noise import quiet_model_build
+from models.preprocess import inference_transform, preprocess_digest
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class DualEncoder:
     def __init__(
         self,
         model: torch.nn.Module,
-        preprocess: Callable[[Image.Image], torch.Tensor],
+        preprocess_config: Mapping[str, Any],
         tokenizer: Callable[..., torch.Tensor],
         architecture: str,
         device: torch.device,
@@ -116,7 +116,8 @@ class DualEncoder:
         caption_bank: CaptionBank | None = None,
     ) -> None:
         self.model: Any = model.eval()  # an open_clip CLIP / CustomTextCLIP
-        self.preprocess = preprocess
+        self.preprocess_config = dict(preprocess_config)
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = inference_transform(preprocess_config)
         self.tokenizer = tokenizer
         self.device = device
         self.image_batch_size = image_batch_size
@@ -137,6 +138,8 @@ class DualEncoder:
     def fingerprint(self) -> ModelFingerprint:
         if self._fingerprint is None:  # hashing the weights takes a moment: only when asked
             digest = weights_digest(self.model)
+            # the pixels the model sees shape the space as much as its weights do
+            digest = hashlib.sha256(f"{digest}:{preprocess_digest(self.preprocess_config)}".encode()).hexdigest()
             if self.caption_bank is not None:  # the bank moves image embeddings: part of the space
                 digest = hashlib.sha256(f"{digest}:{self.caption_bank.digest()}".encode()).hexdigest()
             self._fingerprint = ModelFingerprint(self._architecture, digest, self.dim)
@@ -315,11 +318,10 @@ def load_encoder(
     """
     target = resolve_device(device)
     loaded = create_model(model, pretrained, device=target)
-    preprocess = image_transform_v2(PreprocessCfg(**loaded.preprocess_config), is_train=False)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
     return DualEncoder(
         loaded.model,
-        preprocess,
+        loaded.preprocess_config,
         tokenizer,
         loaded.architecture,
         target,

@@ -36,6 +36,7 @@ from models.encoder import LoadedModel, resolve_device
 from models.images import load_image
 from models.loss import caption_bank_loss, clip_loss
 from models.metrics import retrieval_recall
+from models.preprocess import inference_transform
 from models.train_data import Examples, PairDataset, ResumableSampler, decode_pairs, train_transform
 
 logger = logging.getLogger(__name__)
@@ -208,15 +209,13 @@ class Trainer:
         config: TrainConfig,
         preprocess_overrides: dict[str, Any] | None = None,
     ) -> None:
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.config = config
         self.device = resolve_device(config.device)
         self.model: Any = loaded.model.to(self.device)
         self.preprocess_config = {**loaded.preprocess_config, **(preprocess_overrides or {})}
-        self.eval_preprocess = image_transform_v2(PreprocessCfg(**self.preprocess_config), is_train=False)
+        self.eval_preprocess = inference_transform(self.preprocess_config)
         size = self.preprocess_config.get("size", 224)
         keep_side = 2 * (size if isinstance(size, int) else max(size)) if config.cache_images else None
         pairs, cache, self.skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)

@@ -130,3 +130,28 @@ def test_gpu_matches_cpu(tiny_encoder, sample_images) -> None:
     assert similarity.min() > 0.99
     similarity = (gpu.encode_texts(TEXTS) * tiny_encoder.encode_texts(TEXTS)).sum(1)
     assert similarity.min() > 0.99
+
+
+def test_crop_fraction_in_a_model_dir(tiny_encoder, sample_images, tmp_path: Path) -> None:
+    """A model folder may ask for a search-time centre crop: our encoder applies it, and it is part
+    of the fingerprint, while open_clip itself still loads the folder (it ignores the key)."""
+    loaded = create_model(TINY)
+    loaded.model.load_state_dict(tiny_encoder.model.state_dict())
+    config = {**loaded.preprocess_config, "crop_fraction": 0.8}
+    model_dir = save_model_dir(tmp_path / "model", loaded.model, loaded.model_config, config, {"architecture": TINY})
+    cropped = load_encoder(model_dir, device="cpu")
+    assert cropped.preprocess_config["crop_fraction"] == 0.8
+    size = tiny_encoder.image_size[0]
+    enlarged = {**loaded.preprocess_config, "size": round(size / 0.8)}
+    reference = load_encoder(save_model_dir(tmp_path / "larger", loaded.model, loaded.model_config, enlarged,
+                                            {"architecture": TINY}), device="cpu")
+    start = (round(size / 0.8) - size) // 2
+    pixels = torch.stack([reference.preprocess(image)[:, start : start + size, start : start + size]
+                          for image in sample_images])
+    np.testing.assert_allclose(cropped.encode_images(sample_images), reference.encode_image_tensors(pixels),
+                               atol=1e-6)
+    assert not np.allclose(cropped.encode_images(sample_images), tiny_encoder.encode_images(sample_images))
+    with pytest.raises(FingerprintMismatch):
+        cropped.fingerprint.ensure_matches(tiny_encoder.fingerprint, "index")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    assert model.visual.preprocess_cfg["size"] in (size, (size, size), [size, size])
