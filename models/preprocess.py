@@ -2,9 +2,10 @@
 
 A model's preprocess settings are open_clip's `PreprocessCfg` fields (size, resize mode, fill,
 normalisation) and, optionally, `crop_fraction`: resize to size / fraction, then keep the central
-size x size, as timm's `crop_pct` does. Zooming in so enlarges the object, which helps a small image
-tower trained on random crops. open_clip drops keys it does not know when it reads a model folder,
-so a folder with a crop fraction still loads in open_clip itself, only without the crop.
+size x size, as timm's `crop_pct` does: it enlarges the object, for towers trained on random
+crops (the default model does not use it: it lost on an inner split, README). open_clip drops keys
+it does not know when it reads a model folder, so a folder with a crop fraction still loads in
+open_clip itself, only without the crop.
 
 The settings decide the embedding as much as the weights do, so `preprocess_digest` is part of the
 model fingerprint.
