@@ -2,8 +2,8 @@
 
 `load_encoder` accepts the embedded default model, a project model directory, an open_clip
 architecture with a pretrained tag or a local checkpoint file, or open_clip's `local-dir:` /
-`hf-hub:` names. Preprocessing runs on the CPU; the model runs on CUDA when present (autocast,
-channels_last) and on the CPU otherwise. A model directory's caption bank, when it has one, is
+`hf-hub:` names. Preprocessing runs on the CPU; the model runs on CUDA when present (autocast)
+and on the CPU otherwise, in channels_last on both. A model directory's caption bank, when it has one, is
 applied to every image embedding (see `models.caption_bank`).
 """
 
@@ -124,8 +124,9 @@ class DualEncoder:
         self.text_batch_size = text_batch_size
         self._architecture = architecture
         self._fingerprint: ModelFingerprint | None = None
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last on every device: convolutional towers run faster in it on CUDA and on
+        # the CPU (oneDNN) alike (README, Benchmarks); transformers have no 4-d weights to convert
+        self.model = self.model.to(memory_format=torch.channels_last)
         with torch.inference_mode():
             probe = self.tokenizer(["probe"]).to(device)
             self.dim = int(self.model.encode_text(probe).shape[-1])
@@ -153,7 +154,7 @@ class DualEncoder:
     def _run(self, encode: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), _autocast(self.device):
             batch = batch.to(self.device, non_blocking=True)
-            if batch.ndim == 4 and self.device.type == "cuda":
+            if batch.ndim == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             features = encode(batch)
         return F.normalize(features.float(), dim=-1).cpu().numpy()

@@ -58,6 +58,26 @@ def test_ships_a_caption_bank_that_moves_only_images(default_encoder) -> None:
     np.testing.assert_allclose(mixed, bank.project(torch.from_numpy(alone)).numpy(), atol=1e-5)
 
 
+
+def test_channels_last_matches_the_plain_layout(default_encoder) -> None:
+    """The encoder runs the convolutional tower in channels_last on the CPU too (it is faster there);
+    a plain contiguous copy of the same weights, run by hand, is the reference."""
+    import copy
+
+    import torch.nn.functional as F
+
+    visual = default_encoder.model.visual
+    assert any(p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in visual.parameters())
+    reference = copy.deepcopy(visual).to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in reference.parameters())
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(9, 3, *default_encoder.image_size, generator=generator)
+    with torch.inference_mode():
+        expected = default_encoder.caption_bank.project(reference(pixels))
+    np.testing.assert_allclose(default_encoder.encode_image_tensors(pixels),
+                               F.normalize(expected, dim=-1).numpy(), atol=1e-5)
+
 def _gallery(encoder) -> tuple[list[Path], np.ndarray]:
     from models.images import load_image
 
