@@ -3,8 +3,8 @@
 `load_encoder` accepts the embedded default model, a project model directory, an open_clip
 architecture with a pretrained tag or a local checkpoint file, or open_clip's `local-dir:` /
 `hf-hub:` names. Preprocessing runs on the CPU; the model runs on CUDA when present (autocast)
-and on the CPU otherwise, in channels_last on both. A model directory's caption bank, when it has one, is
-applied to every image embedding (see `models.caption_bank`).
+and on the CPU otherwise, in channels_last on both. A model directory's caption bank, when it has
+one, is applied to every image embedding (see `models.caption_bank`).
 """
 
 from __future__ import annotations

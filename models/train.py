@@ -214,7 +214,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.config = config
         self.device = resolve_device(config.device)
-        # channels_last: convolutional towers train about 25 % faster in it, on the CPU too
+        # channels_last: a convolutional tower trains faster in it, on the CPU too (the default
+        # recipe's epoch 15.1 -> 12.4 s on 2 cores)
         self.model: Any = loaded.model.to(self.device).to(memory_format=torch.channels_last)
         self.preprocess_config = {**loaded.preprocess_config, **(preprocess_overrides or {})}
         self.eval_preprocess = inference_transform(self.preprocess_config)
