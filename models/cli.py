@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models.config import PRECISIONS  # a light module: the CLI imports torch only when a command runs
+
 logger = logging.getLogger(__name__)
 
 
@@ -90,6 +92,7 @@ def _train(args: argparse.Namespace) -> int:
             scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.0, grayscale=0.0
         ),
         device=args.device,
+        precision=args.precision,
         max_steps=args.max_steps,
         progress=not args.quiet,
     )
@@ -164,6 +167,9 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto: mixed precision on CUDA, float32 on the CPU; bf16: bf16 autocast on the "
+                            "CPU too (faster on CPUs with native bf16)")
     train.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     train.add_argument("--no-cache", action="store_true", help="re-read images every epoch")
     augment = train.add_mutually_exclusive_group()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from models import checkpoint
 from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
 from models.caption_bank import CaptionBank
-from models.config import TrainConfig
+from models.config import PRECISIONS, TrainConfig
 from models.data import PairSet, split_pairs
 from models.encoder import LoadedModel, resolve_device
 from models.images import load_image
@@ -101,7 +101,18 @@ def warmup_cosine(warmup: int, total: int) -> Any:
     return factor
 
 
-def _amp(device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
+def amp_settings(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """The autocast dtype (None: float32) and, for float16, the gradient scaler a run uses."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp32":
+        return None, None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16: use precision 'auto' (fp16 with a gradient scaler)")
+        return torch.bfloat16, None
+    # auto: the CPU stays in float32 by default, so a recipe's trajectory does not depend on
+    # whether the CPU has native bf16 (the embedded default model is trained this way)
     if device.type != "cuda":
         return None, None
     if torch.cuda.is_bf16_supported():
@@ -249,7 +260,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.warmup_steps, self.total_steps)
         )
-        self.amp_dtype, self.scaler = _amp(self.device)
+        self.amp_dtype, self.scaler = amp_settings(self.device, config.precision)
         self.metrics: list[dict[str, Any]] = []
         self.progress = _Progress()
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
@@ -322,7 +333,8 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
         with autocast:
             loss = self._loss(images, image_ids, caption_ids)
         self.optimizer.zero_grad(set_to_none=True)
