@@ -51,15 +51,20 @@ class LoadReport:
         }
 
     def memory_summary(self) -> dict[str, float]:
-        """Server RSS before the load, once warm (the first sample after a tenth of the run), at the
-        end, and the growth between the last two: a leak shows as growth on a long (soak) run."""
+        """Server RSS before the load, once warm (the first sample after a tenth of the run), halfway,
+        at the end, and the growth after warm-up and over the second half alone: a leak grows in
+        both, memory that settles (allocator arenas filling up) grows early and then stays."""
         if not self.rss_mb:
             return {}
-        warm_after = self.seconds / 10
-        warm = next((mb for t, mb in self.rss_mb if t >= warm_after), self.rss_mb[-1][1])
+
+        def first_after(seconds: float) -> float:
+            return next((mb for t, mb in self.rss_mb if t >= seconds), self.rss_mb[-1][1])
+
+        warm, halfway = first_after(self.seconds / 10), first_after(self.seconds / 2)
         end = self.rss_mb[-1][1]
-        return {"before": self.rss_mb[0][1], "warm": warm, "end": end, "peak": max(mb for _, mb in self.rss_mb),
-                "growth_after_warm": round(end - warm, 1)}
+        return {"before": self.rss_mb[0][1], "warm": warm, "halfway": halfway, "end": end,
+                "peak": max(mb for _, mb in self.rss_mb), "growth_after_warm": round(end - warm, 1),
+                "growth_second_half": round(end - halfway, 1)}
 
     def passed(self, allow_shed: bool = False) -> bool:
         """True when every request succeeded; with `allow_shed`, 429 refusals (load shedding under

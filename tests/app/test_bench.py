@@ -43,6 +43,6 @@ def test_batch_sizes_read_from_prometheus_text() -> None:
 def test_memory_summary_measures_growth_after_warm_up() -> None:
     report = LoadReport(seconds=100.0, rss_mb=[(0.0, 300.0), (5.0, 380.0), (10.0, 400.0), (50.0, 404.0),
                                                (100.0, 402.0)])
-    assert report.memory_summary() == {"before": 300.0, "warm": 400.0, "end": 402.0, "peak": 404.0,
-                                       "growth_after_warm": 2.0}
+    assert report.memory_summary() == {"before": 300.0, "warm": 400.0, "halfway": 404.0, "end": 402.0,
+                                       "peak": 404.0, "growth_after_warm": 2.0, "growth_second_half": -2.0}
     assert LoadReport().memory_summary() == {}
