@@ -245,6 +245,12 @@ def test_precision_settings_per_device() -> None:
         train_module.amp_settings(cpu, "fp16")
 
 
+def test_trainer_refuses_an_unknown_precision_before_decoding(shapes_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        _trainer(shapes_folder, _config(tmp_path / "run", precision="fp16"))
+    assert not (tmp_path / "run").exists()  # nothing decoded, nothing written
+
+
 def test_bf16_step_on_the_cpu_tracks_the_float32_step(shapes_folder: Path, tmp_path: Path) -> None:
     """`precision="bf16"` runs the image tower in bf16 on the CPU (weights and optimizer stay
     float32), and its loss and gradients stay close to a float32 step of the same model and batch."""
