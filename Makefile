@@ -45,7 +45,7 @@ lint: install ## ruff + mypy
 	$(VENV)/bin/mypy models app indexer
 
 model: install ## retrain the embedded default model from scratch (1-1.5 h on 2 cores)
-	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION))
 
 train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch]
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path OUT=dir [MODEL=arch-or-dir]"; exit 2; }

@@ -140,7 +140,7 @@ def _model(args: argparse.Namespace) -> int:
     epochs = args.epochs or DEFAULT_EPOCHS
     restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
     trained = train_default_model(args.data_dir, args.run_dir, epochs=epochs, restart_epochs=restart_epochs,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, precision=args.precision)
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if args.no_export:
         print(trained)
@@ -203,6 +203,9 @@ def add_commands(subparsers: Any) -> None:
     model.add_argument("--restart-epochs", type=int, default=None,
                        help="a second cycle of this many epochs from the first one's weights; the model is then "
                        "the average of both (default: the recipe's; 0: one cycle only)")
+    model.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto: float32 on the CPU, as the committed model was trained; bf16: bf16 autocast "
+                       "(faster on CPUs with native bf16, level in quality on inner splits)")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

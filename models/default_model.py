@@ -44,7 +44,11 @@ CAPTION_BANK = CaptionBankConfig(top_k=50, temperature=0.05, blend=0.4)
 PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
 
 
-def default_train_config(run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True) -> TrainConfig:
+def default_train_config(
+    run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True, precision: str = "auto"
+) -> TrainConfig:
+    """The recipe's settings. `precision="bf16"` trains faster on CPUs with native bf16; the
+    committed model was trained in float32 (`auto` on the CPU)."""
     return TrainConfig(
         output_dir=run_dir,
         epochs=epochs,
@@ -60,6 +64,7 @@ def default_train_config(run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: 
         caption_bank=CAPTION_BANK,
         augment=AugmentConfig(scale=(0.5, 1.0), hflip=0.5, color_jitter=0.2, grayscale=0.05, trivial_augment=True),
         device="cpu",
+        precision=precision,
         progress=progress,
     )
 
@@ -70,6 +75,7 @@ def train_default_model(
     epochs: int = DEFAULT_EPOCHS,
     restart_epochs: int = RESTART_EPOCHS,
     progress: bool = True,
+    precision: str = "auto",
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
@@ -80,10 +86,10 @@ def train_default_model(
     pairs = read_manifest(build_default_dataset(data_dir))
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    first = Trainer(loaded, tokenizer, pairs, default_train_config(run_dir, epochs, progress), PREPROCESS).run()
+    first = Trainer(loaded, tokenizer, pairs, default_train_config(run_dir, epochs, progress, precision), PREPROCESS).run()
     if restart_epochs <= 0:
         return first.model_dir
-    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress), lr=RESTART_LR)
+    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision), lr=RESTART_LR)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     return average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
 

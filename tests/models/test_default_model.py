@@ -101,7 +101,7 @@ def test_everyday_queries_find_their_category(default_encoder) -> None:
 def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`make model` trains a second cosine cycle that starts from the first cycle's weights (not
     from scratch), in a run directory of its own so that each cycle resumes on its own, and ships
-    the average of the two cycles' weights."""
+    the average of the two cycles' weights. The precision asked for reaches both cycles."""
     import json
     from dataclasses import replace
 
@@ -114,8 +114,11 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     full_recipe = recipe.default_train_config
 
-    def tiny_recipe(run_dir: Path, epochs: int, progress: bool):
-        return replace(full_recipe(run_dir, epochs, progress), batch_size=16, max_steps=3)
+    precisions: dict[str, str] = {}
+
+    def tiny_recipe(run_dir: Path, epochs: int, progress: bool, precision: str = "auto"):
+        precisions[run_dir.name] = precision
+        return replace(full_recipe(run_dir, epochs, progress, precision), batch_size=16, max_steps=3)
 
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
     monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
@@ -125,8 +128,10 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     monkeypatch.setattr(recipe, "RESTART_LR", 1e-12)
 
     torch.manual_seed(0)
-    trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1, progress=False)
+    trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
+                                         progress=False, precision="bf16")
     assert trained == tmp_path / "run" / "average"
+    assert precisions == {"run": "bf16", "restart": "bf16"}
     restart_metrics = json.loads((tmp_path / "run" / "restart" / "metrics.json").read_text())
     assert restart_metrics["epochs"][-1]["step"] == 3  # it did train
     first = load_weights(read_model_dir(tmp_path / "run" / "model")[1])
@@ -138,7 +143,8 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     assert all(torch.equal(averaged[k], ((first[k].double() + second[k].double()) / 2).to(first[k].dtype))
                for k in first if first[k].is_floating_point())
 
-    skipped = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=0, progress=False)
+    skipped = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=0,
+                                         progress=False, precision="bf16")
     assert skipped == tmp_path / "run" / "model"
 
 
