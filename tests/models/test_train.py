@@ -222,7 +222,7 @@ def test_channels_last_step_matches_the_plain_layout(shapes_folder: Path, tmp_pa
         torch.manual_seed(1)  # the same dropout mask (the tower's head) in both runs
         loss = trainer._loss(images, image_ids, caption_ids)
         loss.backward()
-        return float(loss), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     fast_loss, fast = loss_and_grads(images.contiguous(memory_format=torch.channels_last))
     trainer.model = reference
