@@ -169,7 +169,7 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto: mixed precision on CUDA, float32 on the CPU; bf16: bf16 autocast on the "
-                            "CPU too (faster on CPUs with native bf16)")
+                            "CPU too (faster on some CPUs with native bf16, slower on others: time a short run first)")
     train.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     train.add_argument("--no-cache", action="store_true", help="re-read images every epoch")
     augment = train.add_mutually_exclusive_group()
@@ -205,7 +205,7 @@ def add_commands(subparsers: Any) -> None:
                        "the average of both (default: the recipe's; 0: one cycle only)")
     model.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto: float32 on the CPU, as the committed model was trained; bf16: bf16 autocast "
-                       "(faster on CPUs with native bf16, level in quality on inner splits)")
+                       "(level in quality; faster on some CPUs with native bf16, slower on others: README, Training)")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

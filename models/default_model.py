@@ -47,8 +47,9 @@ PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
 def default_train_config(
     run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True, precision: str = "auto"
 ) -> TrainConfig:
-    """The recipe's settings. `precision="bf16"` trains faster on CPUs with native bf16; the
-    committed model was trained in float32 (`auto` on the CPU)."""
+    """The recipe's settings. `precision="bf16"` scores level with float32 and is faster on some
+    CPUs with native bf16, slower on others (README); the committed model was trained in float32
+    (`auto` on the CPU)."""
     return TrainConfig(
         output_dir=run_dir,
         epochs=epochs,
