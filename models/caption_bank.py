@@ -33,17 +33,20 @@ CONFIG_KEY = "caption_bank"  # its settings, in the `clipsearch` section of the 
 class CaptionBank:
     """Unit-norm caption embeddings `(N, D)` and the settings that mix them into image embeddings."""
 
-    def __init__(self, embeddings: torch.Tensor, config: CaptionBankConfig) -> None:
+    def __init__(self, embeddings: torch.Tensor, config: CaptionBankConfig, normalized: bool = False) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] == 0:
             raise ValueError(f"a caption bank needs a non-empty (N, D) matrix, got shape {tuple(embeddings.shape)}")
-        self.embeddings = F.normalize(embeddings.float(), dim=-1)
+        self.embeddings = embeddings.float() if normalized else F.normalize(embeddings.float(), dim=-1)
         self.config = config
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
     def to(self, device: torch.device | str) -> CaptionBank:
-        return CaptionBank(self.embeddings.to(device), self.config)
+        # The same bits on every device: normalising again there would round differently on CUDA,
+        # and the bank's digest (part of the model fingerprint) would then depend on the device,
+        # so an index built on a GPU could not be served by a CPU replica.
+        return CaptionBank(self.embeddings.to(device), self.config, normalized=True)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Unit-norm image features `(B, D)` -> blended, unit-norm features `(B, D)`, row by row."""

@@ -84,6 +84,17 @@ def _train(data: Path, out: Path, lock_text: bool = True) -> Trainer:
     return Trainer(loaded, open_clip.get_tokenizer(loaded.registered_name), read_pairs(data), config)
 
 
+def test_moving_a_bank_keeps_its_bits_and_its_digest() -> None:
+    """`to(device)` moves the normalised embeddings as they are: normalising them again rounds
+    differently on CUDA, and the digest (part of the model fingerprint) then depended on the
+    device, so a CPU replica refused an index built on the GPU (seen on the lent H200)."""
+    bank = CaptionBank(torch.randn(500, 64, generator=torch.Generator().manual_seed(4)), CaptionBankConfig())
+    moved = bank.to("cpu")
+    assert torch.equal(moved.embeddings, bank.embeddings)
+    assert moved.digest() == bank.digest()
+    assert moved.config == bank.config
+
+
 @pytest.fixture(scope="module")
 def banked_model(shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
     trainer = _train(shapes_folder, tmp_path_factory.mktemp("run"))
@@ -149,3 +160,13 @@ def test_cli_trains_with_a_bank_and_scores_both_spaces(
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert reports["bank"]["model"] != reports["raw"]["model"]
     assert reports["bank"]["images"] == reports["raw"]["images"] == 192
+
+
+@pytest.mark.gpu
+def test_a_banked_model_has_one_fingerprint_on_every_device(banked_model, sample_images) -> None:
+    """An index built on a GPU must load in a CPU replica and the other way round."""
+    _, model_dir = banked_model
+    gpu, cpu = load_encoder(model_dir, device="cuda"), load_encoder(model_dir, device="cpu")
+    assert gpu.fingerprint == cpu.fingerprint
+    similarity = (gpu.encode_images(sample_images) * cpu.encode_images(sample_images)).sum(1)
+    assert similarity.min() > 0.99
