@@ -3,6 +3,10 @@
 A bounded run (duration and client count fixed up front) of text and image queries against one
 server on this machine; prints requests, failures, throughput, latency percentiles and the batch
 sizes the server formed (read from its /metrics). `make bench` starts a server process for it.
+
+One load-generator process (one asyncio loop) tops out near 260 requests/s on a fast machine
+(README, Benchmarks: the H200 session), so `--processes` splits the clients over several, which
+start together at one wall-clock moment and whose reports are merged.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import json
 import random
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
@@ -72,6 +78,21 @@ class LoadReport:
         shed = len(self.shed_latencies) if allow_shed else 0
         return self.failed - shed == 0
 
+    @classmethod
+    def merged(cls, parts: list[LoadReport]) -> LoadReport:
+        """One report of several load generators that ran at the same time (memory samples: the
+        one that took them)."""
+        report = cls(seconds=max((part.seconds for part in parts), default=0.0))
+        for part in parts:
+            report.sent, report.ok, report.failed = report.sent + part.sent, report.ok + part.ok, report.failed + part.failed
+            for status, count in part.statuses.items():
+                report.statuses[status] = report.statuses.get(status, 0) + count
+            report.latencies += part.latencies
+            report.ok_latencies += part.ok_latencies
+            report.shed_latencies += part.shed_latencies
+            report.rss_mb = report.rss_mb or part.rss_mb
+        return report
+
 
 def _image_payloads(count: int = 8) -> list[str]:
     from PIL import Image, ImageDraw
@@ -87,8 +108,10 @@ def _image_payloads(count: int = 8) -> list[str]:
     return payloads
 
 
-async def drive(base: str, clients: int, duration_s: float, image_share: float, k: int = 10) -> LoadReport:
-    """`clients` concurrent loops, each sending one request at a time until `duration_s` passes."""
+async def drive(base: str, clients: int, duration_s: float, image_share: float, k: int = 10,
+                first_seed: int = 0, sample_memory_too: bool = True) -> LoadReport:
+    """`clients` concurrent loops, each sending one request at a time until `duration_s` passes.
+    Client i draws its queries from seed `first_seed + i`."""
     import httpx
 
     report = LoadReport()
@@ -132,9 +155,10 @@ async def drive(base: str, clients: int, duration_s: float, image_share: float, 
 
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        sampler = asyncio.create_task(sample_memory(client, max(1.0, duration_s / 20)))
-        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
-        await sampler
+        sampler = asyncio.create_task(sample_memory(client, max(1.0, duration_s / 20))) if sample_memory_too else None
+        await asyncio.gather(*(client_loop(first_seed + i, client) for i in range(clients)))
+        if sampler is not None:
+            await sampler
     report.seconds = time.perf_counter() - started
     return report
 
@@ -163,11 +187,37 @@ def batch_sizes(metrics_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def _generator(base: str, clients: int, duration_s: float, image_share: float, first_seed: int,
+               sample_memory_too: bool, start_at: float) -> LoadReport:
+    """One load-generator process: wait for the common start (wall clock: every process reads the
+    same one), then drive its share of the clients."""
+    time.sleep(max(0.0, start_at - time.time()))
+    return asyncio.run(drive(base, clients, duration_s, image_share, first_seed=first_seed,
+                             sample_memory_too=sample_memory_too))
+
+
+def drive_processes(base: str, clients: int, duration_s: float, image_share: float, processes: int) -> LoadReport:
+    """`drive` with the clients split as evenly as possible over `processes` generator processes."""
+    if processes <= 1:
+        return asyncio.run(drive(base, clients, duration_s, image_share))
+    shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    seeds = [sum(shares[:i]) for i in range(processes)]  # every client its own query stream
+    # spawned interpreters import this module in about a second: start together after that
+    start_at = time.time() + 3.0
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_generator, base, share, duration_s, image_share, seed, i == 0, start_at)
+                   for i, (share, seed) in enumerate(zip(shares, seeds, strict=True))]
+        return LoadReport.merged([future.result() for future in futures])
+
+
 def _handle(args: argparse.Namespace) -> int:
     import httpx
 
-    report = asyncio.run(drive(args.url, args.clients, args.duration, args.image_share))
-    result = {"clients": args.clients, "image_share": args.image_share, **report.as_dict(),
+    if args.processes < 1 or args.clients < args.processes:
+        raise ValueError(f"--processes must be between 1 and --clients ({args.clients}), got {args.processes}")
+    report = drive_processes(args.url, args.clients, args.duration, args.image_share, args.processes)
+    result = {"clients": args.clients, "processes": args.processes, "image_share": args.image_share,
+              **report.as_dict(),
               "batches": batch_sizes(httpx.get(f"{args.url}/metrics", timeout=10).text)}
     print(json.dumps(result, indent=2))
     return 0 if report.passed(args.allow_shed) else 1
@@ -179,6 +229,8 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds")
     parser.add_argument("--image-share", type=float, default=0.3, help="share of image queries")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="load-generator processes sharing the clients (one tops out near 260 requests/s)")
     parser.add_argument("--allow-shed", action="store_true",
                         help="an overload run: 429 refusals are expected and do not fail it")
     parser.set_defaults(handler=_handle)

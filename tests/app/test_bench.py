@@ -1,8 +1,11 @@
-"""`clipsearch bench`'s verdict: which outcomes fail a load run."""
+"""`clipsearch bench`: which outcomes fail a load run, and several generator processes as one."""
 
 from __future__ import annotations
 
-from app.bench import LoadReport, batch_sizes
+import pytest
+
+from app.bench import LoadReport, batch_sizes, drive_processes
+from app.cli import main
 
 
 def _report(statuses: dict[int, int]) -> LoadReport:
@@ -46,3 +49,31 @@ def test_memory_summary_measures_growth_after_warm_up() -> None:
     assert report.memory_summary() == {"before": 300.0, "warm": 400.0, "halfway": 404.0, "end": 402.0,
                                        "peak": 404.0, "growth_after_warm": 2.0, "growth_second_half": -2.0}
     assert LoadReport().memory_summary() == {}
+
+
+def test_reports_of_several_generators_merge() -> None:
+    first = _report({200: 3, 429: 1})
+    first.seconds, first.latencies, first.rss_mb = 10.0, [0.1] * 4, [(0.0, 300.0), (9.0, 310.0)]
+    second = _report({200: 2, 500: 1})
+    second.seconds, second.latencies = 10.4, [0.2] * 3
+    merged = LoadReport.merged([first, second])
+    assert (merged.sent, merged.ok, merged.failed) == (7, 5, 2)
+    assert merged.statuses == {200: 5, 429: 1, 500: 1}
+    assert sorted(merged.latencies) == [0.1] * 4 + [0.2] * 3 and len(merged.shed_latencies) == 1
+    assert merged.seconds == 10.4  # they ran side by side: the run lasted as long as the longest
+    assert merged.rss_mb == first.rss_mb
+    assert merged.as_dict()["qps"] == round(5 / 10.4, 1)
+
+
+def test_several_generator_processes_drive_one_server(live_server: str) -> None:
+    report = drive_processes(live_server, clients=5, duration_s=1.5, image_share=0.5, processes=2)
+    assert report.sent > 5 and report.ok == report.sent and report.failed == 0
+    assert len(report.latencies) == report.sent
+    assert report.rss_mb, "the first generator samples the server's memory"
+    assert 1.4 < report.seconds < 10
+
+
+@pytest.mark.parametrize("processes", ["0", "4"])
+def test_more_processes_than_clients_is_refused(processes: str, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["bench", "--url", "http://127.0.0.1:9", "--clients", "3", "--processes", processes]) == 2
+    assert "--processes must be between 1 and --clients (3)" in caplog.text
