@@ -140,7 +140,7 @@ def _model(args: argparse.Namespace) -> int:
     epochs = args.epochs or DEFAULT_EPOCHS
     restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
     trained = train_default_model(args.data_dir, args.run_dir, epochs=epochs, restart_epochs=restart_epochs,
-                                  progress=not args.quiet, precision=args.precision)
+                                  progress=not args.quiet, precision=args.precision, device=args.device)
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if args.no_export:
         print(trained)
@@ -206,6 +206,10 @@ def add_commands(subparsers: Any) -> None:
     model.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto: float32 on the CPU, as the committed model was trained; bf16: bf16 autocast "
                        "(level in quality; faster on some CPUs with native bf16, slower on others: README, Training)")
+    model.add_argument("--device", default="cpu",
+                       help="cpu (default: where the committed model was trained), cuda, cuda:1 ... On CUDA `auto` "
+                       "precision is bf16 autocast: another run of the same recipe, not a reproduction of the "
+                       "committed weights")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

@@ -45,11 +45,12 @@ PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
 
 
 def default_train_config(
-    run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True, precision: str = "auto"
+    run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True, precision: str = "auto", device: str = "cpu"
 ) -> TrainConfig:
     """The recipe's settings. `precision="bf16"` scores level with float32 and is faster on some
     CPUs with native bf16, slower on others (README); the committed model was trained in float32
-    (`auto` on the CPU)."""
+    (`auto` on the CPU). On the CPU unless `device` names another: the committed model was trained
+    there, and a run may move between devices on resume."""
     return TrainConfig(
         output_dir=run_dir,
         epochs=epochs,
@@ -64,7 +65,7 @@ def default_train_config(
         caption_bank_loss=True,
         caption_bank=CAPTION_BANK,
         augment=AugmentConfig(scale=(0.5, 1.0), hflip=0.5, color_jitter=0.2, grayscale=0.05, trivial_augment=True),
-        device="cpu",
+        device=device,
         precision=precision,
         progress=progress,
     )
@@ -77,6 +78,7 @@ def train_default_model(
     restart_epochs: int = RESTART_EPOCHS,
     progress: bool = True,
     precision: str = "auto",
+    device: str = "cpu",
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
@@ -87,10 +89,11 @@ def train_default_model(
     pairs = read_manifest(build_default_dataset(data_dir))
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    first = Trainer(loaded, tokenizer, pairs, default_train_config(run_dir, epochs, progress, precision), PREPROCESS).run()
+    first_config = default_train_config(run_dir, epochs, progress, precision, device)
+    first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
         return first.model_dir
-    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision), lr=RESTART_LR)
+    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device), lr=RESTART_LR)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     return average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
 

@@ -70,21 +70,23 @@ def test_model_data_only_builds_the_data_and_trains_nothing(tmp_path: Path, monk
 
 
 def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
-    """`--epochs` sets the first cycle, `--restart-epochs` the optional second, `--precision` both;
-    unset, the recipe's own (float32 on the CPU)."""
+    """`--epochs` sets the first cycle, `--restart-epochs` the optional second, `--precision` and
+    `--device` both; unset, the recipe's own (float32 on the CPU)."""
     import models.default_model
 
-    calls: list[tuple[int, int, str]] = []
+    calls: list[tuple[int, int, str, str]] = []
 
-    def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str) -> Path:
-        calls.append((epochs, restart_epochs, precision))
+    def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
+               device: str) -> Path:
+        calls.append((epochs, restart_epochs, precision, device))
         return run_dir / "model"
 
     monkeypatch.setattr(models.default_model, "train_default_model", record)
     assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path), "--epochs", "3", "--restart-epochs", "2",
-                 "--precision", "bf16"]) == 0
+                 "--precision", "bf16", "--device", "cuda:1"]) == 0
     assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path)]) == 0
-    assert calls == [(3, 2, "bf16"), (models.default_model.DEFAULT_EPOCHS, models.default_model.RESTART_EPOCHS, "auto")]
+    assert calls == [(3, 2, "bf16", "cuda:1"),
+                     (models.default_model.DEFAULT_EPOCHS, models.default_model.RESTART_EPOCHS, "auto", "cpu")]
     assert capsys.readouterr().out.split() == [str(tmp_path / "model")] * 2
 
 

@@ -114,11 +114,11 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     full_recipe = recipe.default_train_config
 
-    precisions: dict[str, str] = {}
+    settings: dict[str, tuple[str, str]] = {}
 
-    def tiny_recipe(run_dir: Path, epochs: int, progress: bool, precision: str = "auto"):
-        precisions[run_dir.name] = precision
-        return replace(full_recipe(run_dir, epochs, progress, precision), batch_size=16, max_steps=3)
+    def tiny_recipe(run_dir: Path, epochs: int, progress: bool, precision: str = "auto", device: str = "cpu"):
+        settings[run_dir.name] = (precision, full_recipe(run_dir, epochs, progress, precision, device).device or "")
+        return replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3)
 
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
     monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
@@ -131,7 +131,7 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
                                          progress=False, precision="bf16")
     assert trained == tmp_path / "run" / "average"
-    assert precisions == {"run": "bf16", "restart": "bf16"}
+    assert settings == {"run": ("bf16", "cpu"), "restart": ("bf16", "cpu")}  # both cycles, on the CPU by default
     restart_metrics = json.loads((tmp_path / "run" / "restart" / "metrics.json").read_text())
     assert restart_metrics["epochs"][-1]["step"] == 3  # it did train
     first = load_weights(read_model_dir(tmp_path / "run" / "model")[1])
