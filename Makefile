@@ -44,8 +44,8 @@ lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check models app indexer tests
 	$(VENV)/bin/mypy models app indexer
 
-model: install ## retrain the embedded default model from scratch (62-93 min measured on 2 cores; [PRECISION=bf16] [EPOCHS=n])
-	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION))
+model: install ## retrain the embedded default model from scratch (62-93 min measured on 2 cores; [PRECISION=bf16] [EPOCHS=n] [DEVICE=cuda])
+	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(DEVICE),--device $(DEVICE))
 
 train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch]
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path OUT=dir [MODEL=arch-or-dir]"; exit 2; }
