@@ -70,8 +70,13 @@ class FingerprintMismatch(ValueError):
 
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every tensor of the state dict, in name order (independent of file format)."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the named tensors, in name order, independent of their device and file format."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         data = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype)
         digest.update(data.contiguous().numpy().tobytes())

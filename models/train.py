@@ -32,7 +32,7 @@ from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
 from models.caption_bank import CaptionBank
 from models.config import PRECISIONS, TrainConfig
 from models.data import PairSet, split_pairs
-from models.encoder import LoadedModel, resolve_device
+from models.encoder import LoadedModel, resolve_device, state_digest
 from models.images import load_image
 from models.loss import caption_bank_loss, clip_loss
 from models.metrics import retrieval_recall
@@ -63,6 +63,18 @@ def lock_towers(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> No
     for name, param in model.named_parameters():
         if (lock_text and name in text_names) or (lock_image and name.startswith("visual.")):
             param.requires_grad_(False)
+
+
+def locked_state_keys(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> set[str]:
+    """State-dict entries of the locked towers, weights and buffers alike: training never changes
+    them (`lock_towers` freezes their weights, `set_train_mode` their batch-norm statistics)."""
+    keys = set()
+    for key in model.state_dict():
+        image_side = key.startswith("visual.")
+        text_side = not image_side and not key.startswith("logit_")  # as `_text_parameter_names`
+        if (lock_image and image_side) or (lock_text and text_side):
+            keys.add(key)
+    return keys
 
 
 def set_train_mode(model: Any, lock_text: bool, lock_image: bool) -> None:
@@ -264,13 +276,26 @@ class Trainer:
         )
         self.metrics: list[dict[str, Any]] = []
         self.progress = _Progress()
+        # Checkpoints leave the locked towers out (the default model's text tower is 90 MB of a
+        # 150 MB checkpoint); a resumed run reloads them from their source and checks their digest.
+        self.locked_keys = locked_state_keys(self.model, config.lock_text, config.lock_image)
+        self._locked_digest: str | None = None
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
         self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
 
     # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def locked_digest(self) -> str:
+        """sha256 of the locked towers' tensors, computed once: they never change during a run."""
+        if self._locked_digest is None:
+            state = self.model.state_dict()
+            self._locked_digest = state_digest({k: state[k] for k in self.locked_keys})
+        return self._locked_digest
+
     def _state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": {k: v for k, v in self.model.state_dict().items() if k not in self.locked_keys},
+            "locked": {"tensors": len(self.locked_keys), "sha256": self.locked_digest},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -303,7 +328,7 @@ class Trainer:
                 f"{self.config.output_dir} holds a run with other settings ({changes}); resume it with "
                 "the settings it started with, or train into a new directory"
             )
-        self.model.load_state_dict(state["model"])
+        self._load_model_state(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
@@ -315,6 +340,24 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         logger.info("resumed from %s (step %d, epoch %d)", path.name, self.progress.step, self.progress.epoch)
         return True
+
+    def _load_model_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Restore the trained weights; the locked towers stay as loaded from their source, which
+        must still hold the weights the run started with."""
+        locked = state.get("locked")
+        if locked is None:  # written before checkpoints left the locked towers out: every weight
+            self.model.load_state_dict(state["model"])
+            return
+        if locked["sha256"] != self.locked_digest:
+            raise ValueError(
+                f"{path} was trained against other weights of its locked tower than the ones loaded now "
+                "(was the package or checkpoint it comes from replaced?); resume it with the weights it "
+                "started with, or train into a new directory"
+            )
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if set(missing) != self.locked_keys or unexpected:
+            raise ValueError(f"{path} does not fit this model: missing {sorted(set(missing) - self.locked_keys)}, "
+                             f"unexpected {sorted(unexpected)}")
 
     # -- the loop ----------------------------------------------------------------------------
     def _loss(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:

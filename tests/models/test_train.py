@@ -162,6 +162,80 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert [e["epoch"] for e in history] == list(range(1, 7))
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupted_locked_run(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch, after_saves: int) -> Trainer:
+    """A locked-text run stopped (as by a kill) right after its `after_saves`-th checkpoint."""
+    saves: list[Path] = []
+    save = train_module.checkpoint.save_train_state
+
+    def save_then_stop(*args, **kwargs):
+        saves.append(save(*args, **kwargs))
+        if len(saves) == after_saves:
+            raise _Interrupted
+        return saves[-1]
+
+    trainer = _trainer(data, _config(out, epochs=4, lock_text=True, checkpoint_every=5))
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module.checkpoint, "save_train_state", save_then_stop)
+        with pytest.raises(_Interrupted):
+            trainer.run()
+    return trainer
+
+
+def test_checkpoints_leave_the_locked_tower_out_and_resume_to_the_same_weights(
+    shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = _trainer(shapes_folder, _config(tmp_path / "reference", epochs=4, lock_text=True,
+                                                checkpoint_every=5))
+    reference.run()
+    stopped = _interrupted_locked_run(shapes_folder, tmp_path / "run", monkeypatch, after_saves=2)
+    saved = torch.load(train_module.checkpoint.latest_train_state(tmp_path / "run"), weights_only=False)
+    assert stopped.locked_keys and not stopped.locked_keys & saved["model"].keys()
+    assert all(k.startswith(("visual.", "logit_")) for k in saved["model"])
+    assert saved["locked"]["tensors"] == len(stopped.locked_keys)
+
+    resumed = _trainer(shapes_folder, _config(tmp_path / "run", epochs=4, lock_text=True, checkpoint_every=5))
+    assert resumed.try_resume() and resumed.progress.step == saved["progress"]["step"] > 0
+    resumed = _trainer(shapes_folder, _config(tmp_path / "run", epochs=4, lock_text=True, checkpoint_every=5))
+    resumed.run()
+    want, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_refuses_a_locked_tower_with_other_weights(
+    shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The locked tower is reloaded from its source on resume, so a replaced source is caught."""
+    _interrupted_locked_run(shapes_folder, tmp_path / "run", monkeypatch, after_saves=1)
+    torch.manual_seed(1)  # another text tower than the run started with (seed 0)
+    loaded = create_model(TINY)
+    other = Trainer(loaded, open_clip.get_tokenizer(loaded.registered_name), read_pairs(shapes_folder),
+                    _config(tmp_path / "run", epochs=4, lock_text=True, checkpoint_every=5))
+    with pytest.raises(ValueError, match="other weights of its locked tower"):
+        other.try_resume()
+
+
+def test_a_checkpoint_holding_every_weight_still_resumes(
+    shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints written before the locked towers were left out hold the whole model."""
+    stopped = _interrupted_locked_run(shapes_folder, tmp_path / "run", monkeypatch, after_saves=1)
+    path = train_module.checkpoint.latest_train_state(tmp_path / "run")
+    state = torch.load(path, weights_only=False)
+    state["model"] = stopped.model.state_dict()
+    del state["locked"]
+    torch.save(state, path)
+    resumed = _trainer(shapes_folder, _config(tmp_path / "run", epochs=4, lock_text=True, checkpoint_every=5))
+    assert resumed.try_resume()
+    for key, value in stopped.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
 def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None:
     from PIL import Image
     from torchvision import transforms
