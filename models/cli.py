@@ -127,11 +127,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from models.default_data import build_default_dataset
-    from models.default_model import export_default_model, train_default_model
+    from models.default_model import (
+        default_data,
+        export_default_model,
+        pack_default_data,
+        train_default_model,
+    )
 
+    if args.pack:
+        record = pack_default_data(args.data_dir, args.pack, progress=not args.quiet)
+        print(json.dumps({"pack": str(args.pack), **{k: v for k, v in record.items() if k != "rejected"},
+                          "rejected": len(record["rejected"])}, indent=2))
+        return 0
     if args.data_only:  # seconds: enough to score the committed model on its held-out set
-        build_default_dataset(args.data_dir)
+        default_data(args.data_dir)
         print(args.data_dir / "eval.jsonl")
         return 0
     started = time.time()
@@ -143,7 +152,7 @@ def _model(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or (Path("runs/default") if inner is None else Path(f"runs/inner-{inner}"))
     trained = train_default_model(args.data_dir, run_dir, epochs=epochs, restart_epochs=restart_epochs,
                                   progress=not args.quiet, precision=args.precision, device=args.device,
-                                  inner_split=inner)
+                                  inner_split=inner, workers=args.workers)
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if inner is not None:  # an experiment: scored on its own held-out images, never exported
         from models import checkpoint
@@ -213,7 +222,16 @@ def add_commands(subparsers: Any) -> None:
     evaluate.set_defaults(handler=_eval)
 
     model = subparsers.add_parser("model", help="rebuild the embedded default model from Debian packages")
-    model.add_argument("--data-dir", type=Path, default=Path("build/default-data"))
+    model.add_argument("--data-dir", type=Path, default=Path("build/default-data"),
+                       help="where the data set is built from the Debian packages, or a data pack (--pack) to "
+                       "train from as it is (default: %(default)s)")
+    model.add_argument("--pack", type=Path, default=None, metavar="DIR",
+                       help="build the data set, then write it into DIR as a data pack: every image as the trainer "
+                       "keeps it (128 px PNG, about 14 MB in all) with the manifests, to train with --data-dir DIR "
+                       "on a machine without the Debian packages; exactly as on the originals")
+    model.add_argument("--workers", type=int, default=0,
+                       help="data-loader processes (default 0: none helps on 2 cores; a GPU needs several). "
+                       "Another run than with none: the augmentation draws come from the workers")
     model.add_argument("--run-dir", type=Path, default=None, help="default: runs/default, or runs/inner-S")
     model.add_argument("--epochs", type=int, default=None, help="first cycle; default: the recipe's own")
     model.add_argument("--restart-epochs", type=int, default=None,

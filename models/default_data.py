@@ -26,6 +26,7 @@ from models.data import clean_caption
 logger = logging.getLogger(__name__)
 
 STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
+MANIFESTS = ("train.jsonl", "eval.jsonl", "stamps.jsonl", "emoji.jsonl")  # what `build_default_dataset` writes
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_BITMAP_SIZE = 109  # the only size the CBDT bitmap font offers
 

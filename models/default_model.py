@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,10 +21,13 @@ from models import checkpoint
 from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
 from models.config import AugmentConfig, CaptionBankConfig, TrainConfig
 from models.data import PairSet, read_manifest, split_pairs
-from models.default_data import build_default_dataset
+from models.data_pack import is_pack, read_pack_record, write_pack
+from models.default_data import MANIFESTS, build_default_dataset
 from models.encoder import DEFAULT_MODEL_DIR, create_model, load_encoder, load_model_dir
 from models.evaluate import EvalReport, evaluate, held_out_only
+from models.registry import get_model_config
 from models.train import Trainer
+from models.train_data import cache_side
 from models.weight_average import average_model_dirs
 
 logger = logging.getLogger(__name__)
@@ -47,13 +51,39 @@ CAPTION_BANK = CaptionBankConfig(top_k=50, temperature=0.05, blend=0.4)
 PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
 
 
+def recipe_cache_side() -> int:
+    """The side of the image copies the recipe's trainer keeps (and a data pack of it stores)."""
+    return cache_side({"size": get_model_config(ARCHITECTURE)["vision_cfg"]["image_size"], **PREPROCESS})
+
+
+def default_data(data_dir: Path) -> Path:
+    """The recipe's training manifest: a data pack's own when `data_dir` is one (no Debian packages
+    needed), else built in `data_dir` from the Debian packages."""
+    if not is_pack(data_dir):
+        return build_default_dataset(data_dir)
+    side = read_pack_record(data_dir)["side"]
+    if side != recipe_cache_side():
+        logger.warning("%s stores images at %d px, the recipe keeps %d px copies: the run sees other pixels "
+                       "than one on the original files", data_dir, side, recipe_cache_side())
+    return data_dir / "train.jsonl"
+
+
+def pack_default_data(data_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Build the recipe's data set in `data_dir`, then pack it into `out_dir` (see `models.data_pack`)."""
+    build_default_dataset(data_dir)
+    return write_pack([data_dir / name for name in MANIFESTS], out_dir, recipe_cache_side(), progress)
+
+
 def default_train_config(
-    run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True, precision: str = "auto", device: str = "cpu"
+    run_dir: Path, epochs: int = DEFAULT_EPOCHS, progress: bool = True, precision: str = "auto", device: str = "cpu",
+    workers: int = 0,
 ) -> TrainConfig:
     """The recipe's settings. `precision="bf16"` scores level with float32 and is faster on some
     CPUs with native bf16, slower on others (README); the committed model was trained in float32
     (`auto` on the CPU). On the CPU unless `device` names another: the committed model was trained
-    there, and a run may move between devices on resume."""
+    there, and a run may move between devices on resume. `workers`: data-loader processes; none on
+    2 cores, where one slowed an epoch (README), but a GPU needs them to be fed; the augmentation
+    draws then come from the workers' generators, so the run is another one than with none."""
     return TrainConfig(
         output_dir=run_dir,
         epochs=epochs,
@@ -70,6 +100,7 @@ def default_train_config(
         augment=AugmentConfig(scale=(0.5, 1.0), hflip=0.5, color_jitter=0.2, grayscale=0.05, trivial_augment=True),
         device=device,
         precision=precision,
+        num_workers=workers,
         progress=progress,
     )
 
@@ -90,6 +121,7 @@ def train_default_model(
     precision: str = "auto",
     device: str = "cpu",
     inner_split: int | None = None,
+    workers: int = 0,
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
@@ -104,17 +136,17 @@ def train_default_model(
         # seed 0 draws the recipe's own held-out split: on the training side it would hold out nothing
         raise ValueError(f"an inner split needs a seed of 1 or more, got {inner_split}")
     torch.manual_seed(0)
-    pairs = read_manifest(build_default_dataset(data_dir))
+    pairs = read_manifest(default_data(data_dir))
     seed = 0 if inner_split is None else inner_split  # the trainer's seed draws its held-out split
     if inner_split is not None:
         pairs = training_side(pairs)
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    first_config = replace(default_train_config(run_dir, epochs, progress, precision, device), seed=seed)
+    first_config = replace(default_train_config(run_dir, epochs, progress, precision, device, workers), seed=seed)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
         return first.model_dir
-    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device),
+    config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device, workers),
                      lr=RESTART_LR, seed=seed)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     return average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")

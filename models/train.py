@@ -37,7 +37,14 @@ from models.images import load_image
 from models.loss import caption_bank_loss, clip_loss
 from models.metrics import retrieval_recall
 from models.preprocess import inference_transform
-from models.train_data import Examples, PairDataset, ResumableSampler, decode_pairs, train_transform
+from models.train_data import (
+    Examples,
+    PairDataset,
+    ResumableSampler,
+    cache_side,
+    decode_pairs,
+    train_transform,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +251,7 @@ class Trainer:
         self.model: Any = loaded.model.to(self.device).to(memory_format=torch.channels_last)
         self.preprocess_config = {**loaded.preprocess_config, **(preprocess_overrides or {})}
         self.eval_preprocess = inference_transform(self.preprocess_config)
-        size = self.preprocess_config.get("size", 224)
-        keep_side = 2 * (size if isinstance(size, int) else max(size)) if config.cache_images else None
+        keep_side = cache_side(self.preprocess_config) if config.cache_images else None
         pairs, cache, self.skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)
         if not pairs:
             raise ValueError(f"no usable image-caption pairs (skipped: {dict(self.skipped)})")

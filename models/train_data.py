@@ -53,7 +53,15 @@ class Examples:
         return [list(captions) for captions in owned]
 
 
-def _small_copy(image: Image.Image, max_side: int) -> Image.Image:
+def cache_side(preprocess_config: dict[str, Any]) -> int:
+    """The longest side of the copy the trainer keeps of each image: twice the model's input, room
+    for random-resized crops to zoom in without decoding the file again."""
+    size = preprocess_config.get("size", 224)
+    return 2 * (size if isinstance(size, int) else max(size))
+
+
+def small_copy(image: Image.Image, max_side: int) -> Image.Image:
+    """The image shrunk (bicubic, aspect kept) to at most `max_side` a side; smaller ones as they are."""
     if max(image.size) > max_side:
         image = image.copy()
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
@@ -70,7 +78,7 @@ def scan_images(
             image = load_image(path)
         except ImageRejected as exc:
             return f"{exc.reason}: {exc.message}"
-        return _small_copy(image, keep_side) if keep_side else None
+        return small_copy(image, keep_side) if keep_side else None
 
     kept: list[Image.Image | None] = []
     rejected: dict[Path, str] = {}

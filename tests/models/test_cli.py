@@ -54,11 +54,10 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapture
 def test_model_data_only_builds_the_data_and_trains_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
     """`clipsearch model --data-only` is how a fresh clone gets the held-out set to score the
     committed model on, in seconds: it must build the data and never start training."""
-    import models.default_data
     import models.default_model
 
     built: list[Path] = []
-    monkeypatch.setattr(models.default_data, "build_default_dataset", lambda out: built.append(out) or out / "train.jsonl")
+    monkeypatch.setattr(models.default_model, "build_default_dataset", lambda out: built.append(out) or out / "train.jsonl")
 
     def no_training(*args, **kwargs):
         raise AssertionError("--data-only started a training run")
@@ -70,24 +69,24 @@ def test_model_data_only_builds_the_data_and_trains_nothing(tmp_path: Path, monk
 
 
 def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
-    """`--epochs` sets the first cycle, `--restart-epochs` the optional second, `--precision` and
-    `--device` both; unset, the recipe's own (float32 on the CPU)."""
+    """`--epochs` sets the first cycle, `--restart-epochs` the optional second, `--precision`,
+    `--device` and `--workers` both; unset, the recipe's own (float32 on the CPU, no workers)."""
     import models.default_model
 
-    calls: list[tuple[int, int, str, str]] = []
+    calls: list[tuple[int, int, str, str, int]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str, inner_split: int | None) -> Path:
+               device: str, inner_split: int | None, workers: int) -> Path:
         assert inner_split is None
-        calls.append((epochs, restart_epochs, precision, device))
+        calls.append((epochs, restart_epochs, precision, device, workers))
         return run_dir / "model"
 
     monkeypatch.setattr(models.default_model, "train_default_model", record)
     assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path), "--epochs", "3", "--restart-epochs", "2",
-                 "--precision", "bf16", "--device", "cuda:1"]) == 0
+                 "--precision", "bf16", "--device", "cuda:1", "--workers", "6"]) == 0
     assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path)]) == 0
-    assert calls == [(3, 2, "bf16", "cuda:1"),
-                     (models.default_model.DEFAULT_EPOCHS, models.default_model.RESTART_EPOCHS, "auto", "cpu")]
+    assert calls == [(3, 2, "bf16", "cuda:1", 6),
+                     (models.default_model.DEFAULT_EPOCHS, models.default_model.RESTART_EPOCHS, "auto", "cpu", 0)]
     assert capsys.readouterr().out.split() == [str(tmp_path / "model")] * 2
 
 
@@ -143,7 +142,7 @@ def test_model_inner_split_scores_the_experiment_and_never_exports(tmp_path: Pat
     trained: list[tuple[Path, int | None]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str, inner_split: int | None) -> Path:
+               device: str, inner_split: int | None, workers: int) -> Path:
         trained.append((run_dir, inner_split))
         return run_dir / "average"
 

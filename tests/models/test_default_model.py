@@ -116,9 +116,10 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
 
     settings: dict[str, tuple[str, str]] = {}
 
-    def tiny_recipe(run_dir: Path, epochs: int, progress: bool, precision: str = "auto", device: str = "cpu"):
+    def tiny_recipe(run_dir: Path, epochs: int, progress: bool, precision: str = "auto", device: str = "cpu",
+                    workers: int = 0):
         settings[run_dir.name] = (precision, full_recipe(run_dir, epochs, progress, precision, device).device or "")
-        return replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3)
+        return replace(full_recipe(run_dir, epochs, progress, precision, device, workers), batch_size=16, max_steps=3)
 
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
     monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
@@ -192,7 +193,8 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
     monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
     monkeypatch.setattr(recipe, "Trainer", RecordingTrainer)
-    monkeypatch.setattr(recipe, "default_train_config", lambda run_dir, epochs, progress, precision="auto", device="cpu":
+    monkeypatch.setattr(recipe, "default_train_config",
+                        lambda run_dir, epochs, progress, precision="auto", device="cpu", workers=0:
                         replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3))
 
     trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
