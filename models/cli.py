@@ -80,6 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
+        mixup_alpha=args.mixup,
         lock_text=args.lock_text,
         lock_image=args.lock_image,
         val_fraction=args.val_fraction,
@@ -146,13 +147,18 @@ def _model(args: argparse.Namespace) -> int:
     started = time.time()
     from models.default_model import DEFAULT_EPOCHS, RESTART_EPOCHS
 
+    changes = dict(_key_value(text) for text in args.change)
+    if changes and args.inner_split is None and not args.no_export:
+        raise SystemExit("clipsearch model: a changed recipe is an experiment; add --inner-split S or --no-export "
+                         "(models/default/ holds the committed recipe's model)")
+
     epochs = args.epochs or DEFAULT_EPOCHS
     restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
     inner = args.inner_split
     run_dir = args.run_dir or (Path("runs/default") if inner is None else Path(f"runs/inner-{inner}"))
     trained = train_default_model(args.data_dir, run_dir, epochs=epochs, restart_epochs=restart_epochs,
                                   progress=not args.quiet, precision=args.precision, device=args.device,
-                                  inner_split=inner, workers=args.workers)
+                                  inner_split=inner, workers=args.workers, changes=changes)
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if inner is not None:  # an experiment: scored on its own held-out images, never exported
         from models import checkpoint
@@ -162,7 +168,7 @@ def _model(args: argparse.Namespace) -> int:
             return inner_split_report(trained, args.data_dir / "eval.jsonl", inner, args.device,
                                       caption_bank=caption_bank, progress=not args.quiet).as_dict()
 
-        result = {"inner_split": inner, "model_dir": str(trained), "with_caption_bank": score(True),
+        result = {"inner_split": inner, "model_dir": str(trained), "changes": changes, "with_caption_bank": score(True),
                   "image_tower_alone": score(False)}
         checkpoint.write_json(run_dir / "inner-split.json", result)
         print(json.dumps(result, indent=2))
@@ -172,6 +178,13 @@ def _model(args: argparse.Namespace) -> int:
     else:
         print(export_default_model(trained))
     return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise SystemExit(f"clipsearch model: --change takes KEY=VALUE, not {text!r}")
+    return key.strip(), value.strip()
 
 
 def add_commands(subparsers: Any) -> None:
@@ -186,6 +199,8 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--weight-decay", type=float, default=0.1)
     train.add_argument("--warmup-steps", type=int, default=100)
     train.add_argument("--grad-clip", type=float, default=1.0)
+    train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                       help="blend image pairs by lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0: off)")
     train.add_argument("--lock-text", action="store_true", help="freeze the text tower (LiT)")
     train.add_argument("--lock-image", action="store_true", help="freeze the image tower")
     train.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of images")
@@ -248,6 +263,10 @@ def add_commands(subparsers: Any) -> None:
                        help="an experiment: train on the recipe's training side only, hold out 20 %% of it by "
                        "seed S, print and save (RUN_DIR/inner-split.json) its Recall@K there; never exported, "
                        "never scored on the held-out set (README: the experiment table's inner splits 1 and 2)")
+    model.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
+                       help="an experiment: change one setting of the recipe in both cycles (weight_decay, "
+                       "label_smoothing, mixup_alpha, grad_clip, warmup_steps, batch_size); repeatable; with "
+                       "--inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

@@ -66,6 +66,9 @@ class TrainConfig:
     # only the batch's (text features are precomputed once, so this costs one matmul).
     caption_bank_loss: bool = True
     label_smoothing: float = 0.0
+    # mixup: blend each batch's images pairwise by lambda ~ Beta(alpha, alpha) and their targets
+    # alike; 0 disables (the default recipe's setting)
+    mixup_alpha: float = 0.0
     # With a locked text tower, ship the training captions' embeddings with the model and mix
     # each image embedding with its nearest captions (see `models.caption_bank`). None: off.
     caption_bank: CaptionBankConfig | None = None

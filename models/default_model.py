@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,29 @@ def default_train_config(
     )
 
 
+# Settings an experiment may change in both cycles at once (`clipsearch model --change KEY=VALUE`),
+# with their types. The learning rate is not among them: each cycle has its own.
+RECIPE_CHANGES: dict[str, type] = {
+    "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "grad_clip": float,
+    "warmup_steps": int, "batch_size": int,
+}
+
+
+def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`changes` with each value cast to its setting's type; ValueError naming what is allowed."""
+    unknown = sorted(set(changes) - set(RECIPE_CHANGES))
+    if unknown:
+        raise ValueError(f"the recipe cannot change {', '.join(unknown)}; it can change {', '.join(RECIPE_CHANGES)}")
+    checked: dict[str, Any] = {}
+    for key, value in changes.items():
+        try:
+            checked[key] = RECIPE_CHANGES[key](value)
+        except (TypeError, ValueError):
+            kind = "whole number" if RECIPE_CHANGES[key] is int else "number"
+            raise ValueError(f"{key} takes a {kind}, not {value!r}") from None
+    return checked
+
+
 def training_side(pair_set: PairSet) -> PairSet:
     """The pairs whose images the recipe trains on: everything but its held-out 20 %. Inner
     splits are drawn from these alone, so that choosing a recipe never looks at the held-out images."""
@@ -122,6 +146,7 @@ def train_default_model(
     device: str = "cpu",
     inner_split: int | None = None,
     workers: int = 0,
+    changes: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
@@ -129,6 +154,7 @@ def train_default_model(
 
     `inner_split=S`: the same recipe on the training side only (`training_side`), holding out 20 %
     of it by seed S: the experiment protocol of the README's table (`inner_split_report` scores it).
+    `changes`: settings of `RECIPE_CHANGES` to change in both cycles (an experiment).
     """
     import open_clip
 
@@ -142,12 +168,14 @@ def train_default_model(
         pairs = training_side(pairs)
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    first_config = replace(default_train_config(run_dir, epochs, progress, precision, device, workers), seed=seed)
+    changes = checked_changes(changes or {})
+    first_config = replace(default_train_config(run_dir, epochs, progress, precision, device, workers),
+                           seed=seed, **changes)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
         return first.model_dir
     config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device, workers),
-                     lr=RESTART_LR, seed=seed)
+                     lr=RESTART_LR, seed=seed, **changes)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     return average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
 

@@ -210,6 +210,18 @@ def soft_targets(examples: Examples, image_ids: torch.Tensor, device: torch.devi
     return targets
 
 
+Mixing = tuple[float, torch.Tensor]  # (lambda, (B,) partner of each row)
+
+
+def draw_mixing(batch: int, alpha: float) -> Mixing | None:
+    """mixup (Zhang et al. 2018): lambda ~ Beta(alpha, alpha) and a random partner for each image,
+    from the global torch generator (so checkpoints restore the draws); None when `alpha` is 0."""
+    if alpha <= 0:
+        return None
+    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+    return float(beta.sample()), torch.randperm(batch)
+
+
 @dataclass
 class TrainResult:
     model_dir: Path
@@ -322,6 +334,8 @@ class Trainer:
             return False
         state = checkpoint.load_train_state(path)
         saved, wanted = state.get("recipe"), recipe_of(self.config)
+        if saved is not None:  # a setting added since the run started was at its default then
+            saved = {**recipe_of(TrainConfig(output_dir=self.config.output_dir)), **saved}
         if saved is None:  # written before checkpoints recorded their settings
             logger.warning("%s records no training settings: resuming it unchecked; it continues with "
                            "the settings given now, which may not be the ones it started with", path)
@@ -366,7 +380,12 @@ class Trainer:
                              f"unexpected {sorted(unexpected)}")
 
     # -- the loop ----------------------------------------------------------------------------
-    def _loss(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+    def _loss(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor,
+              mixing: Mixing | None = None) -> torch.Tensor:
+        """The contrastive loss of a batch. With `mixing` (the images were blended, see
+        `draw_mixing`), each image's targets are its own captions by lambda and its partner's by
+        1 - lambda: the loss is the same blend of the two pairings' losses, since both losses are
+        linear in their targets."""
         image_features = F.normalize(self.model.encode_image(images).float(), dim=-1)  # (B, D)
         if self.bank is not None:
             text_features = self.bank[caption_ids.to(self.device)]
@@ -374,6 +393,17 @@ class Trainer:
             captions = [self.train_examples.captions[i] for i in caption_ids.tolist()]
             tokens = self.tokenizer(captions).to(self.device)
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        loss = self._contrast(image_features, text_features, image_ids, caption_ids)
+        if mixing is None:
+            return loss
+        lam, partner = mixing
+        partner_loss = self._contrast(image_features, text_features[partner.to(self.device)], image_ids[partner],
+                                      caption_ids[partner])
+        return lam * loss + (1.0 - lam) * partner_loss
+
+    def _contrast(self, image_features: torch.Tensor, text_features: torch.Tensor, image_ids: torch.Tensor,
+                  caption_ids: torch.Tensor) -> torch.Tensor:
+        """Row i of the images against row i of the texts (and, with a bank, every training caption)."""
         logit_scale = self.model.logit_scale
         loss = clip_loss(image_features, text_features, logit_scale, self.config.label_smoothing, caption_ids)
         if self.bank is not None and self.config.caption_bank_loss:
@@ -383,10 +413,14 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        mixing = draw_mixing(len(images), self.config.mixup_alpha)
+        if mixing is not None:
+            lam, partner = mixing
+            images = lam * images + (1.0 - lam) * images[partner.to(self.device)]
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
         with autocast:
-            loss = self._loss(images, image_ids, caption_ids)
+            loss = self._loss(images, image_ids, caption_ids, mixing)
         self.optimizer.zero_grad(set_to_none=True)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler is not None:

@@ -76,8 +76,8 @@ def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, cap
     calls: list[tuple[int, int, str, str, int]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str, inner_split: int | None, workers: int) -> Path:
-        assert inner_split is None
+               device: str, inner_split: int | None, workers: int, changes: dict) -> Path:
+        assert inner_split is None and changes == {}
         calls.append((epochs, restart_epochs, precision, device, workers))
         return run_dir / "model"
 
@@ -103,6 +103,11 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path, caplog: pytest.
     assert "epochs 1 -> 2" in caplog.text and "lr 0.0005 -> 0.001" in caplog.text
     assert "Traceback" not in caplog.text
     assert main([*run, "--epochs", "1", "--checkpoint-every", "7"]) == 0
+    assert main([*run, "--epochs", "1", "--mixup", "0.2"]) == 2  # mixup is part of the recipe
+    assert "mixup_alpha 0.0 -> 0.2" in caplog.text
+    mixed = ["train", *run[1:3], str(tmp_path / "mixed"), *run[4:], "--epochs", "1", "--mixup", "0.2"]
+    assert main(mixed) == 0
+    assert json.loads((tmp_path / "mixed" / "metrics.json").read_text())["config"]["mixup_alpha"] == 0.2
 
 
 def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -139,11 +144,11 @@ def test_model_inner_split_scores_the_experiment_and_never_exports(tmp_path: Pat
     from models.evaluate import EvalReport
 
     monkeypatch.chdir(tmp_path)
-    trained: list[tuple[Path, int | None]] = []
+    trained: list[tuple[Path, int | None, dict]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str, inner_split: int | None, workers: int) -> Path:
-        trained.append((run_dir, inner_split))
+               device: str, inner_split: int | None, workers: int, changes: dict) -> Path:
+        trained.append((run_dir, inner_split, changes))
         return run_dir / "average"
 
     def report(model_dir: Path, eval_manifest: Path, inner_split: int, device: str = "cpu",
@@ -157,10 +162,23 @@ def test_model_inner_split_scores_the_experiment_and_never_exports(tmp_path: Pat
     monkeypatch.setattr(models.default_model, "train_default_model", record)
     monkeypatch.setattr(models.default_model, "inner_split_report", report)
     monkeypatch.setattr(models.default_model, "export_default_model", no_export)
-    assert main(["model", "--inner-split", "2", "--data-dir", "d", "--quiet"]) == 0
-    assert trained == [(Path("runs/inner-2"), 2)]
+    assert main(["model", "--inner-split", "2", "--data-dir", "d", "--quiet", "--change", "mixup_alpha=0.2"]) == 0
+    assert trained == [(Path("runs/inner-2"), 2, {"mixup_alpha": "0.2"})]
     saved = json.loads((tmp_path / "runs/inner-2/inner-split.json").read_text())
     assert json.loads(capsys.readouterr().out) == saved
     assert saved["inner_split"] == 2 and saved["model_dir"] == "runs/inner-2/average"
+    assert saved["changes"] == {"mixup_alpha": "0.2"}  # the experiment says what it changed
     assert saved["with_caption_bank"]["recall"]["text_to_image_R@10"] == 0.6
     assert saved["image_tower_alone"]["recall"]["text_to_image_R@10"] == 0.5
+
+
+def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch) -> None:
+    """`--change` makes an experiment: without `--inner-split` or `--no-export` it is refused before
+    any training, and a malformed change is named."""
+    import models.default_model
+
+    monkeypatch.setattr(models.default_model, "train_default_model", lambda *a, **k: pytest.fail("it trained"))
+    with pytest.raises(SystemExit, match="a changed recipe is an experiment"):
+        main(["model", "--change", "weight_decay=0.1", "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--change takes KEY=VALUE, not 'weight_decay'"):
+        main(["model", "--change", "weight_decay", "--inner-split", "1", "--run-dir", str(tmp_path)])

@@ -183,11 +183,11 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
             for p in sorted(shapes_folder.rglob("*.png"))]
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     full_recipe = recipe.default_train_config
-    seen: dict[str, tuple[set[Path], int]] = {}
+    seen: dict[str, tuple[set[Path], int, float]] = {}
 
     class RecordingTrainer(recipe.Trainer):
         def __init__(self, loaded, tokenizer, pair_set, config, preprocess) -> None:
-            seen[config.output_dir.name] = ({p.image for p in pair_set.pairs}, config.seed)
+            seen[config.output_dir.name] = ({p.image for p in pair_set.pairs}, config.seed, config.mixup_alpha)
             super().__init__(loaded, tokenizer, pair_set, config, preprocess)
 
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
@@ -198,13 +198,14 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
                         replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3))
 
     trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
-                                         progress=False, inner_split=1)
+                                         progress=False, inner_split=1, changes={"mixup_alpha": "0.3"})
     everything = read_manifest(manifest)
     held_out = {p.image for p in held_out_only(everything, recipe.HELD_OUT_FRACTION, seed=0).pairs}
     training_side = {p.image for p in recipe.training_side(everything).pairs}
     assert held_out and training_side and held_out.isdisjoint(training_side)
     assert training_side | held_out == {p.image for p in everything.pairs}
-    assert seen == {"run": (training_side, 1), "restart": (training_side, 1)}  # both cycles, seed 1
+    # both cycles: seed 1, and the experiment's change
+    assert seen == {"run": (training_side, 1, 0.3), "restart": (training_side, 1, 0.3)}
 
     report = recipe.inner_split_report(trained, manifest, inner_split=1)
     inner = {p.image for p in held_out_only(recipe.training_side(everything), recipe.HELD_OUT_FRACTION, seed=1).pairs}
@@ -213,3 +214,14 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
     assert set(report.recall) >= {"text_to_image_R@10", "image_to_text_R@10"}
     with pytest.raises(ValueError, match="an inner split needs a seed of 1 or more, got 0"):
         recipe.train_default_model(tmp_path / "data", tmp_path / "other", inner_split=0)
+
+
+def test_recipe_changes_are_checked_and_typed() -> None:
+    import models.default_model as recipe
+
+    assert recipe.checked_changes({"weight_decay": "0.1", "batch_size": "128"}) == {"weight_decay": 0.1,
+                                                                                     "batch_size": 128}
+    with pytest.raises(ValueError, match="the recipe cannot change lr; it can change weight_decay"):
+        recipe.checked_changes({"lr": "1"})
+    with pytest.raises(ValueError, match="batch_size takes a whole number, not 'big'"):
+        recipe.checked_changes({"batch_size": "big"})

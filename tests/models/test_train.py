@@ -166,7 +166,8 @@ class _Interrupted(Exception):
     pass
 
 
-def _interrupted_locked_run(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch, after_saves: int) -> Trainer:
+def _interrupted_locked_run(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch, after_saves: int,
+                            **overrides) -> Trainer:
     """A locked-text run stopped (as by a kill) right after its `after_saves`-th checkpoint."""
     saves: list[Path] = []
     save = train_module.checkpoint.save_train_state
@@ -177,7 +178,7 @@ def _interrupted_locked_run(data: Path, out: Path, monkeypatch: pytest.MonkeyPat
             raise _Interrupted
         return saves[-1]
 
-    trainer = _trainer(data, _config(out, epochs=4, lock_text=True, checkpoint_every=5))
+    trainer = _trainer(data, _config(out, epochs=4, lock_text=True, checkpoint_every=5, **overrides))
     with monkeypatch.context() as patched:
         patched.setattr(train_module.checkpoint, "save_train_state", save_then_stop)
         with pytest.raises(_Interrupted):
@@ -234,6 +235,83 @@ def test_a_checkpoint_holding_every_weight_still_resumes(
     assert resumed.try_resume()
     for key, value in stopped.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_mixup_off_draws_nothing_and_on_draws_a_partner_for_every_image() -> None:
+    state = torch.get_rng_state()
+    assert train_module.draw_mixing(8, 0.0) is None
+    assert torch.equal(torch.get_rng_state(), state)  # a recipe without mixup keeps its random stream
+    lam, partner = train_module.draw_mixing(8, 0.4)
+    assert 0.0 <= lam <= 1.0 and sorted(partner.tolist()) == list(range(8))
+
+
+def test_mixed_loss_equals_plainly_blended_targets(shapes_folder: Path, tmp_path: Path) -> None:
+    """The trainer's mixup loss (a blend of two pairings' losses) against the definition: one
+    cross-entropy per direction with each image's targets spread lambda : 1 - lambda over its own
+    and its partner's captions, and each caption's over the images holding it in either role."""
+    import torch.nn.functional as F
+
+    trainer = _trainer(shapes_folder, _config(tmp_path / "run", epochs=3, lock_text=True))
+    trainer.run()  # trained a little, so that images differ enough for their targets to matter
+    items = [trainer.dataset[i] for i in range(0, len(trainer.dataset), len(trainer.dataset) // 12)][:12]
+    images = torch.stack([item[0] for item in items])
+    image_ids, caption_ids = (torch.tensor([item[k] for item in items]) for k in (1, 2))
+    assert len(set(caption_ids.tolist())) == 8  # all eight captions, some rows sharing one: positives of each other
+    lam, partner = 0.7, torch.tensor([5, 0, 9, 1, 11, 2, 4, 3, 10, 6, 8, 7])
+    trainer.model.eval()  # no dropout: both computations see the same features
+    got = trainer._loss(images, image_ids, caption_ids, (lam, partner))
+
+    features = F.normalize(trainer.model.encode_image(images).float(), dim=-1)
+    scale = trainer.model.logit_scale.exp()
+    logits = scale * features @ trainer.bank[caption_ids].T  # (B, B): image i, caption row j
+
+    def spread(mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.float()
+        return mask / mask.sum(dim=1, keepdim=True)
+
+    same = caption_ids[:, None] == caption_ids[None, :]
+    image_targets = lam * spread(same) + (1 - lam) * spread(same[partner])  # row i over caption rows
+    caption_targets = lam * spread(same.T) + (1 - lam) * spread(same[partner].T)  # row j over images
+    batch = 0.5 * (-(image_targets * logits.log_softmax(1)).sum(1).mean()
+                   - (caption_targets * logits.T.log_softmax(1)).sum(1).mean())
+    bank_targets = (lam * train_module.soft_targets(trainer.train_examples, image_ids, trainer.device)
+                    + (1 - lam) * train_module.soft_targets(trainer.train_examples, image_ids[partner], trainer.device))
+    bank = -(bank_targets * (scale * features @ trainer.bank.T).log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(got, 0.5 * (batch + bank), rtol=1e-5, atol=1e-6)
+    plain = trainer._loss(images, image_ids, caption_ids)
+    assert not torch.isclose(got, plain)  # the partner's captions count
+
+
+def test_a_mixup_run_resumes_to_the_same_weights(shapes_folder: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """mixup draws from the generator that checkpoints restore: a resumed run repeats its draws."""
+    settings = dict(epochs=4, lock_text=True, checkpoint_every=5, mixup_alpha=0.4)
+    reference = _trainer(shapes_folder, _config(tmp_path / "reference", **settings))
+    reference.run()
+    plain = _trainer(shapes_folder, _config(tmp_path / "plain", **{**settings, "mixup_alpha": 0.0}))
+    plain.run()
+    _interrupted_locked_run(shapes_folder, tmp_path / "run", monkeypatch, after_saves=2, mixup_alpha=0.4)
+    resumed = _trainer(shapes_folder, _config(tmp_path / "run", **settings))
+    resumed.run()
+    want, got = reference.model.state_dict(), resumed.model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    assert any(not torch.equal(want[k], plain.model.state_dict()[k]) for k in want)  # mixup did something
+
+
+def test_a_run_from_before_a_setting_existed_resumes_with_its_default(
+    shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose recorded recipe lacks a setting added since ran with that setting's default."""
+    _interrupted_locked_run(shapes_folder, tmp_path / "run", monkeypatch, after_saves=1)
+    path = train_module.checkpoint.latest_train_state(tmp_path / "run")
+    state = torch.load(path, weights_only=False)
+    del state["recipe"]["mixup_alpha"]
+    torch.save(state, path)
+    config = dict(epochs=4, lock_text=True, checkpoint_every=5)
+    assert _trainer(shapes_folder, _config(tmp_path / "run", **config)).try_resume()
+    with pytest.raises(ValueError, match=r"mixup_alpha 0.0 -> 0.4"):
+        _trainer(shapes_folder, _config(tmp_path / "run", mixup_alpha=0.4, **config)).try_resume()
 
 
 def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None:
