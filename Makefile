@@ -16,7 +16,7 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install apt test lint model train eval eval-default index serve demo bench soak lb-test clean
+.PHONY: help install apt test lint model pack train eval eval-default index serve demo bench soak lb-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ train: install ## contrastive training: make train DATA=manifest-or-folder OUT=r
 eval: install ## Recall@K: make eval DATA=manifest-or-folder [MODEL=default]
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=path [MODEL=...]"; exit 2; }
 	$(CLI) eval $(DATA) --model $(MODEL)
+
+pack: install ## the default model's data as a portable 14 MB folder, build/default-pack (train with clipsearch model --data-dir build/default-pack)
+	$(CLI) model --pack build/default-pack --quiet
 
 eval-default: install ## the default model's held-out Recall@K as the README reports it (builds the data first, seconds)
 	$(CLI) model --data-only --quiet
