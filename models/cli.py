@@ -129,6 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace) -> int:
     from models.default_model import (
+        checked_changes,
         default_data,
         export_default_model,
         pack_default_data,
@@ -147,7 +148,7 @@ def _model(args: argparse.Namespace) -> int:
     started = time.time()
     from models.default_model import DEFAULT_EPOCHS, RESTART_EPOCHS
 
-    changes = dict(_key_value(text) for text in args.change)
+    changes = checked_changes(dict(_key_value(text) for text in args.change))  # before minutes of work
     if changes and args.inner_split is None and not args.no_export:
         raise SystemExit("clipsearch model: a changed recipe is an experiment; add --inner-split S or --no-export "
                          "(models/default/ holds the committed recipe's model)")

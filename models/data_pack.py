@@ -7,7 +7,7 @@ holding its original split key (`data.pair_split_key`), so the pack holds out th
 The default model's data set packs into about 14 MB instead of the stamps' 230 MB: small enough to
 travel to a machine without the Debian packages, such as a lent GPU (README, "Training").
 
-Layout: `images/NNNNN-STEM.png`, the manifests (same names as the source's), and `pack.json`,
+Layout: `images/NNNNN-STEM.png`, the manifests (as JSONL, named after the source's), and `pack.json`,
 written last, whose presence means "complete". Images that do not decode are left out and listed
 in `pack.json` with their reason, as the trainer would skip them.
 """
@@ -39,19 +39,19 @@ def is_pack(folder: Path) -> bool:
 
 
 def write_pack(manifests: Sequence[Path], out_dir: Path, side: int, progress: bool = True) -> dict[str, Any]:
-    """Pack the images and rows of `manifests` (JSONL files of one folder) into `out_dir`; returns
+    """Pack the images and rows of `manifests` (any format `read_manifest` reads) into `out_dir`; returns
     what `pack.json` records. `side`: the trainer's cache side for the model to be trained
     (`train_data.cache_side`); a pack trains exactly as its source only for models with that side."""
     if side < 1:
         raise ValueError(f"a pack's image side must be positive, got {side}")
-    names = [path.name for path in manifests]
+    names = [path.with_suffix(".jsonl").name for path in manifests]
     if len(set(names)) != len(names):
-        raise ValueError(f"manifests to pack need distinct file names, got {names}")
-    sources = [(path, read_manifest(path)) for path in manifests]
+        raise ValueError(f"manifests to pack need distinct file names, got {[p.name for p in manifests]}")
+    sources = [read_manifest(path) for path in manifests]
     images: dict[Path, str | None] = {}  # original -> its file in the pack, None when rejected
-    for _, pair_set in sources:
+    for pair_set in sources:
         images.update(dict.fromkeys(p.image for p in pair_set.pairs))
-    record: dict[str, Any] = {"format": PACK_FORMAT, "side": side, "manifests": [p.name for p in manifests]}
+    record: dict[str, Any] = {"format": PACK_FORMAT, "side": side, "manifests": names}
 
     def build(staging: Path) -> None:
         rejected: dict[str, str] = {}
@@ -66,8 +66,8 @@ def write_pack(manifests: Sequence[Path], out_dir: Path, side: int, progress: bo
             image.save(staging / name, format="PNG")
             images[original] = name
         skipped: Counter[str] = Counter()
-        for path, pair_set in sources:
-            checkpoint.write_jsonl(staging / path.name, _packed_rows(pair_set, images, skipped))
+        for name, pair_set in zip(names, sources, strict=True):
+            checkpoint.write_jsonl(staging / name, _packed_rows(pair_set, images, skipped))
         record.update(images=sum(1 for name in images.values() if name), rejected=rejected,
                       rows_skipped=dict(skipped))
         checkpoint.write_json(staging / PACK_MARKER, record)  # last: its presence means "complete"

@@ -163,16 +163,16 @@ def test_model_inner_split_scores_the_experiment_and_never_exports(tmp_path: Pat
     monkeypatch.setattr(models.default_model, "inner_split_report", report)
     monkeypatch.setattr(models.default_model, "export_default_model", no_export)
     assert main(["model", "--inner-split", "2", "--data-dir", "d", "--quiet", "--change", "mixup_alpha=0.2"]) == 0
-    assert trained == [(Path("runs/inner-2"), 2, {"mixup_alpha": "0.2"})]
+    assert trained == [(Path("runs/inner-2"), 2, {"mixup_alpha": 0.2})]
     saved = json.loads((tmp_path / "runs/inner-2/inner-split.json").read_text())
     assert json.loads(capsys.readouterr().out) == saved
     assert saved["inner_split"] == 2 and saved["model_dir"] == "runs/inner-2/average"
-    assert saved["changes"] == {"mixup_alpha": "0.2"}  # the experiment says what it changed
+    assert saved["changes"] == {"mixup_alpha": 0.2}  # the experiment says what it changed
     assert saved["with_caption_bank"]["recall"]["text_to_image_R@10"] == 0.6
     assert saved["image_tower_alone"]["recall"]["text_to_image_R@10"] == 0.5
 
 
-def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch) -> None:
+def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
     """`--change` makes an experiment: without `--inner-split` or `--no-export` it is refused before
     any training, and a malformed change is named."""
     import models.default_model
@@ -182,3 +182,5 @@ def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch) -> None
         main(["model", "--change", "weight_decay=0.1", "--run-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--change takes KEY=VALUE, not 'weight_decay'"):
         main(["model", "--change", "weight_decay", "--inner-split", "1", "--run-dir", str(tmp_path)])
+    assert main(["model", "--change", "lr=1", "--inner-split", "1", "--run-dir", str(tmp_path)]) == 2
+    assert "the recipe cannot change lr; it can change weight_decay" in caplog.text

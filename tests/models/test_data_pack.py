@@ -114,6 +114,18 @@ def test_a_pack_is_published_whole(shapes_folder: Path, tmp_path: Path, monkeypa
         write_pack([source, source], tmp_path / "other", 64, progress=False)
 
 
+def test_a_pack_takes_any_manifest_format_and_writes_jsonl(shapes_folder: Path, tmp_path: Path) -> None:
+    source = _manifest(shapes_folder, tmp_path / "source")
+    rows = [json.loads(line) for line in source.read_text().splitlines()][:3]
+    csv_manifest = tmp_path / "source" / "extra.csv"
+    csv_manifest.write_text("path,text\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows))
+    record = write_pack([source, csv_manifest], tmp_path / "pack", 64, progress=False)
+    assert record["manifests"] == ["train.jsonl", "extra.jsonl"]
+    packed = read_manifest(tmp_path / "pack" / "extra.jsonl")
+    assert [p.caption for p in packed.pairs] == [r["caption"] for r in rows]
+    assert all(p.image.is_file() and p.image.parent == tmp_path / "pack" / "images" for p in packed.pairs)
+
+
 def test_the_recipe_trains_from_a_pack_without_building_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     import models.default_model as recipe
