@@ -334,12 +334,12 @@ class Trainer:
             return False
         state = checkpoint.load_train_state(path)
         saved, wanted = state.get("recipe"), recipe_of(self.config)
-        if saved is not None:  # a setting added since the run started was at its default then
+        if saved is not None:  # a setting added since the run started ran at its default value
             saved = {**recipe_of(TrainConfig(output_dir=self.config.output_dir)), **saved}
-        if saved is None:  # written before checkpoints recorded their settings
+        else:  # written before checkpoints recorded their settings
             logger.warning("%s records no training settings: resuming it unchecked; it continues with "
                            "the settings given now, which may not be the ones it started with", path)
-        elif saved != wanted:
+        if saved is not None and saved != wanted:
             changes = ", ".join(
                 f"{k} {saved.get(k)} -> {wanted.get(k)}" for k in sorted(saved.keys() | wanted.keys())
                 if saved.get(k) != wanted.get(k)
