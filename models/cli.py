@@ -130,9 +130,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _model(args: argparse.Namespace) -> int:
     from models.default_model import (
         checked_changes,
-        default_data,
         export_default_model,
         pack_default_data,
+        recipe_manifest,
         train_default_model,
     )
 
@@ -142,7 +142,7 @@ def _model(args: argparse.Namespace) -> int:
                           "rejected": len(record["rejected"])}, indent=2))
         return 0
     if args.data_only:  # seconds: enough to score the committed model on its held-out set
-        default_data(args.data_dir)
+        recipe_manifest(args.data_dir)
         print(args.data_dir / "eval.jsonl")
         return 0
     started = time.time()

@@ -57,15 +57,15 @@ def recipe_cache_side() -> int:
     return cache_side({"size": get_model_config(ARCHITECTURE)["vision_cfg"]["image_size"], **PREPROCESS})
 
 
-def default_data(data_dir: Path) -> Path:
+def recipe_manifest(data_dir: Path) -> Path:
     """The recipe's training manifest: a data pack's own when `data_dir` is one (no Debian packages
     needed), else built in `data_dir` from the Debian packages."""
     if not is_pack(data_dir):
         return build_default_dataset(data_dir)
-    side = read_pack_record(data_dir)["side"]
-    if side != recipe_cache_side():
+    side, wanted = read_pack_record(data_dir)["side"], recipe_cache_side()
+    if side != wanted:
         logger.warning("%s stores images at %d px, the recipe keeps %d px copies: the run sees other pixels "
-                       "than one on the original files", data_dir, side, recipe_cache_side())
+                       "than one on the original files", data_dir, side, wanted)
     return data_dir / "train.jsonl"
 
 
@@ -162,7 +162,7 @@ def train_default_model(
         # seed 0 draws the recipe's own held-out split: on the training side it would hold out nothing
         raise ValueError(f"an inner split needs a seed of 1 or more, got {inner_split}")
     torch.manual_seed(0)
-    pairs = read_manifest(default_data(data_dir))
+    pairs = read_manifest(recipe_manifest(data_dir))
     seed = 0 if inner_split is None else inner_split  # the trainer's seed draws its held-out split
     if inner_split is not None:
         pairs = training_side(pairs)

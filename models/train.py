@@ -60,8 +60,13 @@ def recipe_of(config: TrainConfig) -> dict[str, str]:
     return {k: repr(v) for k, v in sorted(asdict(config).items()) if k not in _FREE_ON_RESUME}
 
 
+def _is_text_side(name: str) -> bool:
+    """A parameter or buffer of the text tower: everything but the image tower and the temperature."""
+    return not name.startswith(("visual.", "logit_"))
+
+
 def _text_parameter_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
+    return [n for n, _ in model.named_parameters() if _is_text_side(n)]
 
 
 def lock_towers(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> None:
@@ -75,13 +80,8 @@ def lock_towers(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> No
 def locked_state_keys(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> set[str]:
     """State-dict entries of the locked towers, weights and buffers alike: training never changes
     them (`lock_towers` freezes their weights, `set_train_mode` their batch-norm statistics)."""
-    keys = set()
-    for key in model.state_dict():
-        image_side = key.startswith("visual.")
-        text_side = not image_side and not key.startswith("logit_")  # as `_text_parameter_names`
-        if (lock_image and image_side) or (lock_text and text_side):
-            keys.add(key)
-    return keys
+    return {key for key in model.state_dict()
+            if (lock_image and key.startswith("visual.")) or (lock_text and _is_text_side(key))}
 
 
 def set_train_mode(model: Any, lock_text: bool, lock_image: bool) -> None:
@@ -393,22 +393,25 @@ class Trainer:
             captions = [self.train_examples.captions[i] for i in caption_ids.tolist()]
             tokens = self.tokenizer(captions).to(self.device)
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-        loss = self._contrast(image_features, text_features, image_ids, caption_ids)
+        bank_targets = (soft_targets(self.train_examples, image_ids, self.device)
+                         if self.bank is not None and self.config.caption_bank_loss else None)  # (B, N)
+        loss = self._contrast(image_features, text_features, caption_ids, bank_targets)
         if mixing is None:
             return loss
         lam, partner = mixing
-        partner_loss = self._contrast(image_features, text_features[partner.to(self.device)], image_ids[partner],
-                                      caption_ids[partner])
+        on_device = partner.to(self.device)
+        partner_loss = self._contrast(image_features, text_features[on_device], caption_ids[partner],
+                                      None if bank_targets is None else bank_targets[on_device])
         return lam * loss + (1.0 - lam) * partner_loss
 
-    def _contrast(self, image_features: torch.Tensor, text_features: torch.Tensor, image_ids: torch.Tensor,
-                  caption_ids: torch.Tensor) -> torch.Tensor:
-        """Row i of the images against row i of the texts (and, with a bank, every training caption)."""
+    def _contrast(self, image_features: torch.Tensor, text_features: torch.Tensor, caption_ids: torch.Tensor,
+                  bank_targets: torch.Tensor | None) -> torch.Tensor:
+        """Row i of the images against row i of the texts, and with `bank_targets` against every
+        training caption too."""
         logit_scale = self.model.logit_scale
         loss = clip_loss(image_features, text_features, logit_scale, self.config.label_smoothing, caption_ids)
-        if self.bank is not None and self.config.caption_bank_loss:
-            targets = soft_targets(self.train_examples, image_ids, self.device)
-            loss = 0.5 * (loss + caption_bank_loss(image_features, self.bank, targets, logit_scale))
+        if bank_targets is not None and self.bank is not None:
+            loss = 0.5 * (loss + caption_bank_loss(image_features, self.bank, bank_targets, logit_scale))
         return loss
 
     def _step(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> float:

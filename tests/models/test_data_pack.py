@@ -139,15 +139,15 @@ def test_the_recipe_trains_from_a_pack_without_building_its_data(tmp_path: Path,
     pack.mkdir()
     (pack / PACK_MARKER).write_text(json.dumps({"format": 1, "side": recipe.recipe_cache_side()}))
     monkeypatch.setattr(recipe, "build_default_dataset", no_build)
-    assert recipe.default_data(pack) == pack / "train.jsonl"
+    assert recipe.recipe_manifest(pack) == pack / "train.jsonl"
     assert not caplog.records
 
     (pack / PACK_MARKER).write_text(json.dumps({"format": 1, "side": 96}))
-    assert recipe.default_data(pack) == pack / "train.jsonl"
+    assert recipe.recipe_manifest(pack) == pack / "train.jsonl"
     assert "stores images at 96 px, the recipe keeps 128 px copies" in caplog.text
     built: list[Path] = []
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: built.append(data_dir) or data_dir / "x")
-    assert recipe.default_data(tmp_path / "plain") == tmp_path / "plain" / "x" and built == [tmp_path / "plain"]
+    assert recipe.recipe_manifest(tmp_path / "plain") == tmp_path / "plain" / "x" and built == [tmp_path / "plain"]
 
 
 def test_model_pack_writes_the_recipe_data_as_a_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
