@@ -81,6 +81,9 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
         mixup_alpha=args.mixup,
+        teacher=args.teacher,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
         lock_text=args.lock_text,
         lock_image=args.lock_image,
         val_fraction=args.val_fraction,
@@ -169,8 +172,8 @@ def _model(args: argparse.Namespace) -> int:
             return inner_split_report(trained, args.data_dir / "eval.jsonl", inner, args.device,
                                       caption_bank=caption_bank, progress=not args.quiet).as_dict()
 
-        result = {"inner_split": inner, "model_dir": str(trained), "changes": changes, "with_caption_bank": score(True),
-                  "image_tower_alone": score(False)}
+        result = {"inner_split": inner, "model_dir": str(trained), "changes": json.loads(json.dumps(changes, default=str)),
+                  "with_caption_bank": score(True), "image_tower_alone": score(False)}
         checkpoint.write_json(run_dir / "inner-split.json", result)
         print(json.dumps(result, indent=2))
         return 0
@@ -202,6 +205,13 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                        help="blend image pairs by lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0: off)")
+    train.add_argument("--teacher", type=Path, default=None, metavar="MODEL_DIR",
+                       help="with --lock-text: distil this trained model (same text tower) into the run: its "
+                       "distribution over the training captions for each batch becomes a second target")
+    train.add_argument("--distill-weight", type=float, default=0.5,
+                       help="with --teacher: the loss is (1 - W) * the contrastive loss + W * the teacher's (default 0.5)")
+    train.add_argument("--distill-temperature", type=float, default=0.05,
+                       help="with --teacher: the softmax temperature of both distributions (default 0.05)")
     train.add_argument("--lock-text", action="store_true", help="freeze the text tower (LiT)")
     train.add_argument("--lock-image", action="store_true", help="freeze the image tower")
     train.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of images")
@@ -266,8 +276,9 @@ def add_commands(subparsers: Any) -> None:
                        "never scored on the held-out set (README: the experiment table's inner splits 1 and 2)")
     model.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
                        help="an experiment: change one setting of the recipe in both cycles (weight_decay, "
-                       "label_smoothing, mixup_alpha, grad_clip, warmup_steps, batch_size); repeatable; with "
-                       "--inner-split or --no-export only")
+                       "label_smoothing, mixup_alpha, grad_clip, warmup_steps, batch_size; teacher=MODEL_DIR to "
+                       "distil a trained model into the run, with distill_weight and distill_temperature); "
+                       "repeatable; with --inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

@@ -69,6 +69,12 @@ class TrainConfig:
     # mixup: blend each batch's images pairwise by lambda ~ Beta(alpha, alpha) and their targets
     # alike; 0 disables (the default recipe's setting)
     mixup_alpha: float = 0.0
+    # Distillation: a trained model directory (same text tower and embedding space) whose image
+    # tower teaches this one its distribution over the caption bank (`models.loss.distillation_loss`);
+    # the loss is (1 - distill_weight) * the contrastive loss + distill_weight * that. None: off.
+    teacher: Path | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 0.05
     # With a locked text tower, ship the training captions' embeddings with the model and mix
     # each image embedding with its nearest captions (see `models.caption_bank`). None: off.
     caption_bank: CaptionBankConfig | None = None

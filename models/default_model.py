@@ -107,10 +107,11 @@ def default_train_config(
 
 
 # Settings an experiment may change in both cycles at once (`clipsearch model --change KEY=VALUE`),
-# with their types. The learning rate is not among them: each cycle has its own.
+# with their types. The learning rate is not among them: each cycle has its own. `teacher` is a
+# trained model directory (see `models.distill`); the two distill_ settings need one.
 RECIPE_CHANGES: dict[str, type] = {
     "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "grad_clip": float,
-    "warmup_steps": int, "batch_size": int,
+    "warmup_steps": int, "batch_size": int, "teacher": Path, "distill_weight": float, "distill_temperature": float,
 }
 
 
@@ -126,6 +127,10 @@ def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             kind = "whole number" if RECIPE_CHANGES[key] is int else "number"
             raise ValueError(f"{key} takes a {kind}, not {value!r}") from None
+    if "teacher" in checked:
+        checkpoint.read_model_dir(checked["teacher"])  # FileNotFoundError naming what is missing
+    elif any(key.startswith("distill_") for key in checked):
+        raise ValueError("distill_weight and distill_temperature need a teacher: add --change teacher=MODEL_DIR")
     return checked
 
 

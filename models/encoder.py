@@ -68,6 +68,11 @@ class FingerprintMismatch(ValueError):
     """An artefact (index, embeddings) was made by a different model than the one given."""
 
 
+def is_text_side(name: str) -> bool:
+    """A parameter or buffer of the text tower: everything but the image tower and the temperature."""
+    return not name.startswith(("visual.", "logit_"))
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every tensor of the state dict, in name order (independent of file format)."""
     return state_digest(model.state_dict())

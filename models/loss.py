@@ -50,3 +50,23 @@ def caption_bank_loss(
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * image_features @ bank.T  # (B, N)
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def distillation_loss(
+    image_features: torch.Tensor,  # (B, D), unit norm: the model in training
+    teacher_features: torch.Tensor,  # (B, D), unit norm: a trained model on the same images
+    bank: torch.Tensor,  # (N, D), unit norm: every distinct training caption
+    temperature: float,
+) -> torch.Tensor:
+    """Cross-entropy of the model's distribution over the caption bank against the teacher's
+    (knowledge distillation, Hinton et al. 2015; with a teacher of the same recipe, Born-Again
+    networks, Furlanello et al. 2018). It differs from KL(teacher || model) by the teacher's
+    entropy, a constant, so its gradient is the same.
+
+    The teacher's soft targets say which other captions an image resembles ("a blackbird" is
+    nearer "a hen" than "a fire engine"), which one-hot caption targets cannot. One fixed
+    temperature for both sides, not the learned one: the targets must not sharpen as training does.
+    """
+    targets = F.softmax(teacher_features @ bank.T / temperature, dim=-1)  # (B, N)
+    log_probs = F.log_softmax(image_features @ bank.T / temperature, dim=-1)
+    return -(targets * log_probs).sum(dim=-1).mean()

@@ -32,9 +32,10 @@ from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
 from models.caption_bank import CaptionBank
 from models.config import PRECISIONS, TrainConfig
 from models.data import PairSet, split_pairs
-from models.encoder import LoadedModel, resolve_device, state_digest
+from models.distill import Teacher
+from models.encoder import LoadedModel, is_text_side, resolve_device, state_digest
 from models.images import load_image
-from models.loss import caption_bank_loss, clip_loss
+from models.loss import caption_bank_loss, clip_loss, distillation_loss
 from models.metrics import retrieval_recall
 from models.preprocess import inference_transform
 from models.train_data import (
@@ -60,13 +61,8 @@ def recipe_of(config: TrainConfig) -> dict[str, str]:
     return {k: repr(v) for k, v in sorted(asdict(config).items()) if k not in _FREE_ON_RESUME}
 
 
-def _is_text_side(name: str) -> bool:
-    """A parameter or buffer of the text tower: everything but the image tower and the temperature."""
-    return not name.startswith(("visual.", "logit_"))
-
-
 def _text_parameter_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if _is_text_side(n)]
+    return [n for n, _ in model.named_parameters() if is_text_side(n)]
 
 
 def lock_towers(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> None:
@@ -81,7 +77,7 @@ def locked_state_keys(model: torch.nn.Module, lock_text: bool, lock_image: bool)
     """State-dict entries of the locked towers, weights and buffers alike: training never changes
     them (`lock_towers` freezes their weights, `set_train_mode` their batch-norm statistics)."""
     return {key for key in model.state_dict()
-            if (lock_image and key.startswith("visual.")) or (lock_text and _is_text_side(key))}
+            if (lock_image and key.startswith("visual.")) or (lock_text and is_text_side(key))}
 
 
 def set_train_mode(model: Any, lock_text: bool, lock_image: bool) -> None:
@@ -263,6 +259,7 @@ class Trainer:
         self.model: Any = loaded.model.to(self.device).to(memory_format=torch.channels_last)
         self.preprocess_config = {**loaded.preprocess_config, **(preprocess_overrides or {})}
         self.eval_preprocess = inference_transform(self.preprocess_config)
+        self.teacher = self._load_teacher()  # also before the decoding: a teacher that cannot teach fails at once
         keep_side = cache_side(self.preprocess_config) if config.cache_images else None
         pairs, cache, self.skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)
         if not pairs:
@@ -301,6 +298,19 @@ class Trainer:
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
         self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
 
+    def _load_teacher(self) -> Teacher | None:
+        config = self.config
+        if config.teacher is None:
+            return None
+        if not config.lock_text:
+            raise ValueError("distillation teaches a distribution over the training captions' embeddings, "
+                             "which needs a locked text tower (lock_text / --lock-text)")
+        if not 0.0 <= config.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must lie in [0, 1], got {config.distill_weight}")
+        if config.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be positive, got {config.distill_temperature}")
+        return Teacher.load(config.teacher, self.model, self.preprocess_config, self.device)
+
     # -- checkpoints -------------------------------------------------------------------------
     @property
     def locked_digest(self) -> str:
@@ -314,6 +324,7 @@ class Trainer:
         return {
             "model": {k: v for k, v in self.model.state_dict().items() if k not in self.locked_keys},
             "locked": {"tensors": len(self.locked_keys), "sha256": self.locked_digest},
+            "teacher": None if self.teacher is None else self.teacher.digest,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -348,6 +359,10 @@ class Trainer:
                 f"{self.config.output_dir} holds a run with other settings ({changes}); resume it with "
                 "the settings it started with, or train into a new directory"
             )
+        taught_by = state.get("teacher")
+        if self.teacher is not None and taught_by is not None and taught_by != self.teacher.digest:
+            raise ValueError(f"{path} was taught by other weights than {self.config.teacher} holds now; resume it "
+                             "with the teacher it started with, or train into a new directory")
         self._load_model_state(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -385,7 +400,8 @@ class Trainer:
         """The contrastive loss of a batch. With `mixing` (the images were blended, see
         `draw_mixing`), each image's targets are its own captions by lambda and its partner's by
         1 - lambda: the loss is the same blend of the two pairings' losses, since both losses are
-        linear in their targets."""
+        linear in their targets. With a teacher, its distribution over the caption bank for the
+        same (mixed) images weighs in by `distill_weight`."""
         image_features = F.normalize(self.model.encode_image(images).float(), dim=-1)  # (B, D)
         if self.bank is not None:
             text_features = self.bank[caption_ids.to(self.device)]
@@ -396,13 +412,18 @@ class Trainer:
         bank_targets = (soft_targets(self.train_examples, image_ids, self.device)
                          if self.bank is not None and self.config.caption_bank_loss else None)  # (B, N)
         loss = self._contrast(image_features, text_features, caption_ids, bank_targets)
-        if mixing is None:
-            return loss
-        lam, partner = mixing
-        on_device = partner.to(self.device)
-        partner_loss = self._contrast(image_features, text_features[on_device], caption_ids[partner],
-                                      None if bank_targets is None else bank_targets[on_device])
-        return lam * loss + (1.0 - lam) * partner_loss
+        if mixing is not None:
+            lam, partner = mixing
+            on_device = partner.to(self.device)
+            partner_loss = self._contrast(image_features, text_features[on_device], caption_ids[partner],
+                                          None if bank_targets is None else bank_targets[on_device])
+            loss = lam * loss + (1.0 - lam) * partner_loss
+        if self.teacher is not None and self.bank is not None:
+            weight = self.config.distill_weight
+            taught = distillation_loss(image_features, self.teacher.features(images), self.bank,
+                                       self.config.distill_temperature)
+            loss = (1.0 - weight) * loss + weight * taught
+        return loss
 
     def _contrast(self, image_features: torch.Tensor, text_features: torch.Tensor, caption_ids: torch.Tensor,
                   bank_targets: torch.Tensor | None) -> torch.Tensor:

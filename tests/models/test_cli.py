@@ -110,6 +110,22 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path, caplog: pytest.
     assert json.loads((tmp_path / "mixed" / "metrics.json").read_text())["config"]["mixup_alpha"] == 0.2
 
 
+def test_train_distils_a_teacher_given_by_its_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ..conftest import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    common = [str(data), "--model", TINY, "--batch-size", "16", "--val-fraction", "0.25", "--warmup-steps", "1",
+              "--device", "cpu", "--quiet", "--epochs", "1"]
+    assert main(["train", *common, "--out", str(tmp_path / "teacher"), "--lock-text"]) == 0
+    teacher = tmp_path / "teacher" / "model"
+    assert main(["train", *common, "--out", str(tmp_path / "unlocked"), "--teacher", str(teacher)]) == 2
+    assert "needs a locked text tower" in caplog.text and "Traceback" not in caplog.text
+    assert main(["train", *common, "--out", str(tmp_path / "taught"), "--lock-text", "--teacher", str(teacher),
+                 "--distill-weight", "0.3"]) == 0
+    config = json.loads((tmp_path / "taught" / "metrics.json").read_text())["config"]
+    assert (config["teacher"], config["distill_weight"], config["distill_temperature"]) == (str(teacher), 0.3, 0.05)
+
+
 def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Checkpoints written before runs recorded their settings cannot be checked: they still resume,
     and the log says that the settings went unchecked."""

@@ -12,7 +12,7 @@ from PIL import Image
 
 from models import DEFAULT_MODEL_DIR, load_encoder
 from models.caption_bank import BANK_FILE
-from models.checkpoint import CONFIG_NAME, PARTIAL_WEIGHTS_NAME
+from models.checkpoint import CONFIG_NAME, FULL_WEIGHTS_NAME, PARTIAL_WEIGHTS_NAME
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 
@@ -225,3 +225,16 @@ def test_recipe_changes_are_checked_and_typed() -> None:
         recipe.checked_changes({"lr": "1"})
     with pytest.raises(ValueError, match="batch_size takes a whole number, not 'big'"):
         recipe.checked_changes({"batch_size": "big"})
+
+
+def test_a_teacher_change_names_a_model_directory_and_the_distill_settings_need_one(tmp_path: Path) -> None:
+    import models.default_model as recipe
+
+    with pytest.raises(FileNotFoundError, match="is not a model directory"):
+        recipe.checked_changes({"teacher": str(tmp_path)})
+    with pytest.raises(ValueError, match="need a teacher"):
+        recipe.checked_changes({"distill_weight": "0.3"})
+    (tmp_path / CONFIG_NAME).write_text("{}")
+    (tmp_path / FULL_WEIGHTS_NAME).write_bytes(b"")
+    assert recipe.checked_changes({"teacher": str(tmp_path), "distill_weight": "0.3"}) == {
+        "teacher": tmp_path, "distill_weight": 0.3}

@@ -285,18 +285,25 @@ def test_mixed_loss_equals_plainly_blended_targets(shapes_folder: Path, tmp_path
 def test_a_mixup_run_resumes_to_the_same_weights(shapes_folder: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """mixup draws from the generator that checkpoints restore: a resumed run repeats its draws."""
-    settings = dict(epochs=4, lock_text=True, checkpoint_every=5, mixup_alpha=0.4)
-    reference = _trainer(shapes_folder, _config(tmp_path / "reference", **settings))
+    assert_resumes_to_the_same_weights(shapes_folder, tmp_path, monkeypatch, "mixup_alpha", 0.4, 0.0)
+
+
+def assert_resumes_to_the_same_weights(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       setting: str, value: object, off: object) -> None:
+    """A locked-text run with `setting=value`, interrupted after its 2nd checkpoint and resumed, ends
+    on the uninterrupted run's weights, and those differ from a run with `setting=off`."""
+    settings = {"epochs": 4, "lock_text": True, "checkpoint_every": 5, setting: value}
+    reference = _trainer(data, _config(tmp_path / "reference", **settings))
     reference.run()
-    plain = _trainer(shapes_folder, _config(tmp_path / "plain", **{**settings, "mixup_alpha": 0.0}))
+    plain = _trainer(data, _config(tmp_path / "plain", **{**settings, setting: off}))
     plain.run()
-    _interrupted_locked_run(shapes_folder, tmp_path / "run", monkeypatch, after_saves=2, mixup_alpha=0.4)
-    resumed = _trainer(shapes_folder, _config(tmp_path / "run", **settings))
+    _interrupted_locked_run(data, tmp_path / "run", monkeypatch, after_saves=2, **{setting: value})
+    resumed = _trainer(data, _config(tmp_path / "run", **settings))
     resumed.run()
     want, got = reference.model.state_dict(), resumed.model.state_dict()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
-    assert any(not torch.equal(want[k], plain.model.state_dict()[k]) for k in want)  # mixup did something
+    assert any(not torch.equal(want[k], plain.model.state_dict()[k]) for k in want)  # the setting did something
 
 
 def test_a_run_from_before_a_setting_existed_resumes_with_its_default(
