@@ -72,6 +72,10 @@ def _train(args: argparse.Namespace) -> int:
     from models.encoder import create_model
     from models.train import Trainer
 
+    distill = {k: v for k, v in (("distill_weight", args.distill_weight),
+                                 ("distill_temperature", args.distill_temperature)) if v is not None}
+    if distill and args.teacher is None:  # it would be recorded in the recipe, yet change nothing
+        raise ValueError("--distill-weight and --distill-temperature need --teacher MODEL_DIR")
     config = TrainConfig(
         output_dir=args.out,
         epochs=args.epochs,
@@ -82,8 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
         mixup_alpha=args.mixup,
         teacher=args.teacher,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
+        **distill,
         lock_text=args.lock_text,
         lock_image=args.lock_image,
         val_fraction=args.val_fraction,
@@ -208,9 +211,9 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--teacher", type=Path, default=None, metavar="MODEL_DIR",
                        help="with --lock-text: distil this trained model (same text tower) into the run: its "
                        "distribution over the training captions for each batch becomes a second target")
-    train.add_argument("--distill-weight", type=float, default=0.5,
+    train.add_argument("--distill-weight", type=float, default=None,
                        help="with --teacher: the loss is (1 - W) * the contrastive loss + W * the teacher's (default 0.5)")
-    train.add_argument("--distill-temperature", type=float, default=0.05,
+    train.add_argument("--distill-temperature", type=float, default=None,
                        help="with --teacher: the softmax temperature of both distributions (default 0.05)")
     train.add_argument("--lock-text", action="store_true", help="freeze the text tower (LiT)")
     train.add_argument("--lock-image", action="store_true", help="freeze the image tower")

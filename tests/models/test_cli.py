@@ -120,6 +120,8 @@ def test_train_distils_a_teacher_given_by_its_directory(tmp_path: Path, caplog: 
     teacher = tmp_path / "teacher" / "model"
     assert main(["train", *common, "--out", str(tmp_path / "unlocked"), "--teacher", str(teacher)]) == 2
     assert "needs a locked text tower" in caplog.text and "Traceback" not in caplog.text
+    assert main(["train", *common, "--out", str(tmp_path / "untaught"), "--lock-text", "--distill-weight", "0.3"]) == 2
+    assert "--distill-weight and --distill-temperature need --teacher" in caplog.text
     assert main(["train", *common, "--out", str(tmp_path / "taught"), "--lock-text", "--teacher", str(teacher),
                  "--distill-weight", "0.3"]) == 0
     config = json.loads((tmp_path / "taught" / "metrics.json").read_text())["config"]
