@@ -58,7 +58,16 @@ _FREE_ON_RESUME = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints
 
 def recipe_of(config: TrainConfig) -> dict[str, str]:
     """The settings that decide what a run computes, as comparable strings (saved in checkpoints)."""
-    return {k: repr(v) for k, v in sorted(asdict(config).items()) if k not in _FREE_ON_RESUME}
+    return _comparable({k: repr(v) for k, v in sorted(asdict(config).items()) if k not in _FREE_ON_RESUME})
+
+
+def _comparable(recipe: dict[str, str]) -> dict[str, str]:
+    """`recipe` with the teacher recorded as present or not. Which teacher is checked by the digest
+    of its weights (`Trainer.try_resume`), not by the path that named it: the same teacher named by
+    a relative and by an absolute path, or a run directory moved to another machine, is one recipe."""
+    if "teacher" in recipe and recipe["teacher"] != repr(None):
+        return {**recipe, "teacher": "a model directory"}
+    return recipe
 
 
 def _text_parameter_names(model: torch.nn.Module) -> list[str]:
@@ -346,7 +355,7 @@ class Trainer:
         state = checkpoint.load_train_state(path)
         saved, wanted = state.get("recipe"), recipe_of(self.config)
         if saved is not None:  # a setting added since the run started ran at its default value
-            saved = {**recipe_of(TrainConfig(output_dir=self.config.output_dir)), **saved}
+            saved = _comparable({**recipe_of(TrainConfig(output_dir=self.config.output_dir)), **saved})
         else:  # written before checkpoints recorded their settings
             logger.warning("%s records no training settings: resuming it unchecked; it continues with "
                            "the settings given now, which may not be the ones it started with", path)

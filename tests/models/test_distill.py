@@ -117,6 +117,14 @@ def test_a_taught_run_resumes_to_the_same_weights_and_only_with_its_teacher(
     copied = tmp_path / "teacher"
     shutil.copytree(teacher_dir, copied)
     _interrupted_locked_run(shapes_folder, tmp_path / "other", monkeypatch, after_saves=1, teacher=copied)
+    # the same weights named by another path (a run moved, a teacher copied) are the same teacher
+    renamed = _trainer(shapes_folder, _config(tmp_path / "other", epochs=4, lock_text=True, checkpoint_every=5,
+                                              teacher=teacher_dir.resolve()))
+    assert renamed.try_resume()
+    # no teacher at all is another recipe
+    untaught = _trainer(shapes_folder, _config(tmp_path / "other", epochs=4, lock_text=True, checkpoint_every=5))
+    with pytest.raises(ValueError, match="other settings"):
+        untaught.try_resume()
     weights = copied / FULL_WEIGHTS_NAME
     tensors = load_file(weights)
     name = next(k for k in tensors if k.startswith("visual.") and tensors[k].is_floating_point())
