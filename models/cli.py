@@ -76,6 +76,9 @@ def _train(args: argparse.Namespace) -> int:
                                  ("distill_temperature", args.distill_temperature)) if v is not None}
     if distill and args.teacher is None:  # it would be recorded in the recipe, yet change nothing
         raise ValueError("--distill-weight and --distill-temperature need --teacher MODEL_DIR")
+    semantic = {} if args.semantic_temperature is None else {"semantic_temperature": args.semantic_temperature}
+    if semantic and not args.semantic_smoothing:  # the same: recorded, yet changing nothing
+        raise ValueError("--semantic-temperature needs --semantic-smoothing W")
     config = TrainConfig(
         output_dir=args.out,
         epochs=args.epochs,
@@ -85,6 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
         mixup_alpha=args.mixup,
+        semantic_smoothing=args.semantic_smoothing,
+        **semantic,
         teacher=args.teacher,
         **distill,
         lock_text=args.lock_text,
@@ -208,6 +213,11 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                        help="blend image pairs by lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0: off)")
+    train.add_argument("--semantic-smoothing", type=float, default=0.0, metavar="W",
+                       help="with --lock-text: move this share of each image's caption-bank target onto its captions' "
+                       "text neighbours (0: off)")
+    train.add_argument("--semantic-temperature", type=float, default=None,
+                       help="the softmax temperature of those neighbours' text similarities (default 0.05)")
     train.add_argument("--teacher", type=Path, default=None, metavar="MODEL_DIR",
                        help="with --lock-text: distil this trained model (same text tower) into the run: its "
                        "distribution over the training captions for each batch becomes a second target")
@@ -279,8 +289,8 @@ def add_commands(subparsers: Any) -> None:
                        "never scored on the held-out set (README: the experiment table's inner splits 1 and 2)")
     model.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
                        help="an experiment: change one setting of the recipe in both cycles (weight_decay, "
-                       "label_smoothing, mixup_alpha, grad_clip, warmup_steps, batch_size; teacher=MODEL_DIR to "
-                       "distil a trained model into the run, with distill_weight and distill_temperature); "
+                       "label_smoothing, mixup_alpha, grad_clip, warmup_steps, batch_size, semantic_smoothing, "
+                       "semantic_temperature; teacher=MODEL_DIR to distil a trained model into the run, with distill_weight and distill_temperature); "
                        "repeatable; with --inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",

@@ -69,6 +69,11 @@ class TrainConfig:
     # mixup: blend each batch's images pairwise by lambda ~ Beta(alpha, alpha) and their targets
     # alike; 0 disables (the default recipe's setting)
     mixup_alpha: float = 0.0
+    # Semantic smoothing of the caption-bank targets (`models.loss.semantic_smoothing`): this share of
+    # each image's target moves onto its captions' text neighbours, by a softmax of the text
+    # similarities at `semantic_temperature`. 0: off (the default recipe's setting).
+    semantic_smoothing: float = 0.0
+    semantic_temperature: float = 0.05
     # Distillation: a trained model directory (same text tower and embedding space) whose image
     # tower teaches this one its distribution over the caption bank (`models.loss.distillation_loss`);
     # the loss is (1 - distill_weight) * the contrastive loss + distill_weight * that. None: off.

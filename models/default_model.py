@@ -111,7 +111,8 @@ def default_train_config(
 # trained model directory (see `models.distill`); the two distill_ settings need one.
 RECIPE_CHANGES: dict[str, type] = {
     "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "grad_clip": float,
-    "warmup_steps": int, "batch_size": int, "teacher": Path, "distill_weight": float, "distill_temperature": float,
+    "warmup_steps": int, "batch_size": int, "semantic_smoothing": float, "semantic_temperature": float,
+    "teacher": Path, "distill_weight": float, "distill_temperature": float,
 }
 
 
@@ -131,6 +132,8 @@ def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
         checkpoint.read_model_dir(checked["teacher"])  # FileNotFoundError naming what is missing
     elif any(key.startswith("distill_") for key in checked):
         raise ValueError("distill_weight and distill_temperature need a teacher: add --change teacher=MODEL_DIR")
+    if "semantic_temperature" in checked and not checked.get("semantic_smoothing"):
+        raise ValueError("semantic_temperature needs semantic smoothing: add --change semantic_smoothing=W")
     return checked
 
 

@@ -1,4 +1,5 @@
-"""Contrastive losses: symmetric InfoNCE (CLIP) and the caption-bank loss for locked text towers."""
+"""Training losses: symmetric InfoNCE (CLIP), the caption-bank loss for locked text towers, its
+semantic smoothing, and distillation from a trained model."""
 
 from __future__ import annotations
 
@@ -70,3 +71,21 @@ def distillation_loss(
     targets = F.softmax(teacher_features @ bank.T / temperature, dim=-1)  # (B, N)
     log_probs = F.log_softmax(image_features @ bank.T / temperature, dim=-1)
     return -(targets * log_probs).sum(dim=-1).mean()
+
+
+def caption_neighbours(bank: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, N) row-stochastic: each training caption's softmax over all of them by text similarity
+    (itself included, the largest share). Computed once per run: the text tower is locked."""
+    return F.softmax(bank @ bank.T / temperature, dim=-1)
+
+
+def semantic_smoothing(
+    targets: torch.Tensor,  # (B, N), rows sum to 1: each image's own captions
+    neighbours: torch.Tensor,  # (N, N) from `caption_neighbours`
+    weight: float,
+) -> torch.Tensor:
+    """Caption-bank targets with `weight` of each row moved onto its captions' text neighbours:
+    label smoothing that follows the text tower's similarities instead of spreading uniformly
+    (the idea of DeViSE-style semantic targets for zero-shot transfer: an image of a blackbird should
+    stay nearer "a hen" than "a fire engine", so that an unseen bird's caption still finds it)."""
+    return (1.0 - weight) * targets + weight * targets @ neighbours

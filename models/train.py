@@ -35,7 +35,13 @@ from models.data import PairSet, split_pairs
 from models.distill import Teacher
 from models.encoder import LoadedModel, is_text_side, resolve_device, state_digest
 from models.images import load_image
-from models.loss import caption_bank_loss, clip_loss, distillation_loss
+from models.loss import (
+    caption_bank_loss,
+    caption_neighbours,
+    clip_loss,
+    distillation_loss,
+    semantic_smoothing,
+)
 from models.metrics import retrieval_recall
 from models.preprocess import inference_transform
 from models.train_data import (
@@ -269,6 +275,7 @@ class Trainer:
         self.preprocess_config = {**loaded.preprocess_config, **(preprocess_overrides or {})}
         self.eval_preprocess = inference_transform(self.preprocess_config)
         self.teacher = self._load_teacher()  # also before the decoding: a teacher that cannot teach fails at once
+        self._check_semantic_smoothing()
         keep_side = cache_side(self.preprocess_config) if config.cache_images else None
         pairs, cache, self.skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)
         if not pairs:
@@ -306,6 +313,19 @@ class Trainer:
         self._locked_digest: str | None = None
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
         self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
+        self.neighbours: torch.Tensor | None = None  # (N, N) for semantic smoothing, from the bank
+
+    def _check_semantic_smoothing(self) -> None:
+        config = self.config
+        if config.semantic_smoothing == 0:
+            return
+        if not 0.0 < config.semantic_smoothing <= 1.0:
+            raise ValueError(f"semantic_smoothing must lie in [0, 1], got {config.semantic_smoothing}")
+        if config.semantic_temperature <= 0:
+            raise ValueError(f"semantic_temperature must be positive, got {config.semantic_temperature}")
+        if not (config.lock_text and config.caption_bank_loss):
+            raise ValueError("semantic smoothing reshapes the caption-bank loss's targets: it needs a locked text "
+                             "tower (lock_text / --lock-text) and the caption-bank loss")
 
     def _load_teacher(self) -> Teacher | None:
         config = self.config
@@ -420,6 +440,8 @@ class Trainer:
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         bank_targets = (soft_targets(self.train_examples, image_ids, self.device)
                          if self.bank is not None and self.config.caption_bank_loss else None)  # (B, N)
+        if bank_targets is not None and self.neighbours is not None:
+            bank_targets = semantic_smoothing(bank_targets, self.neighbours, self.config.semantic_smoothing)
         loss = self._contrast(image_features, text_features, caption_ids, bank_targets)
         if mixing is not None:
             lam, partner = mixing
@@ -532,6 +554,8 @@ class Trainer:
             if self.text_frozen
             else None
         )
+        if self.bank is not None and self.config.semantic_smoothing > 0:
+            self.neighbours = caption_neighbours(self.bank, self.config.semantic_temperature)
         sampler = ResumableSampler(len(self.dataset), self.config.seed)
         p = self.progress
         while p.epoch < self.config.epochs and p.step < self.total_steps:

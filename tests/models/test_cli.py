@@ -128,6 +128,20 @@ def test_train_distils_a_teacher_given_by_its_directory(tmp_path: Path, caplog: 
     assert (config["teacher"], config["distill_weight"], config["distill_temperature"]) == (str(teacher), 0.3, 0.05)
 
 
+def test_train_smooths_the_bank_targets_on_request(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ..conftest import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    common = [str(data), "--model", TINY, "--batch-size", "16", "--val-fraction", "0.25", "--warmup-steps", "1",
+              "--device", "cpu", "--quiet", "--epochs", "1", "--lock-text"]
+    assert main(["train", *common, "--out", str(tmp_path / "plain"), "--semantic-temperature", "0.1"]) == 2
+    assert "--semantic-temperature needs --semantic-smoothing" in caplog.text and "Traceback" not in caplog.text
+    assert main(["train", *common, "--out", str(tmp_path / "smoothed"), "--semantic-smoothing", "0.5",
+                 "--semantic-temperature", "0.1"]) == 0
+    config = json.loads((tmp_path / "smoothed" / "metrics.json").read_text())["config"]
+    assert (config["semantic_smoothing"], config["semantic_temperature"]) == (0.5, 0.1)
+
+
 def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Checkpoints written before runs recorded their settings cannot be checked: they still resume,
     and the log says that the settings went unchecked."""

@@ -227,6 +227,15 @@ def test_recipe_changes_are_checked_and_typed() -> None:
         recipe.checked_changes({"batch_size": "big"})
 
 
+def test_a_semantic_temperature_change_needs_semantic_smoothing() -> None:
+    import models.default_model as recipe
+
+    with pytest.raises(ValueError, match="semantic_temperature needs semantic smoothing"):
+        recipe.checked_changes({"semantic_temperature": "0.07"})
+    assert recipe.checked_changes({"semantic_smoothing": "1", "semantic_temperature": "0.07"}) == {
+        "semantic_smoothing": 1.0, "semantic_temperature": 0.07}
+
+
 def test_a_teacher_change_names_a_model_directory_and_the_distill_settings_need_one(tmp_path: Path) -> None:
     import models.default_model as recipe
 
