@@ -73,19 +73,23 @@ def distillation_loss(
     return -(targets * log_probs).sum(dim=-1).mean()
 
 
-def caption_neighbours(bank: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, N) row-stochastic: each training caption's softmax over all of them by text similarity
-    (itself included, the largest share). Computed once per run: the text tower is locked."""
-    return F.softmax(bank @ bank.T / temperature, dim=-1)
-
 
 def semantic_smoothing(
     targets: torch.Tensor,  # (B, N), rows sum to 1: each image's own captions
-    neighbours: torch.Tensor,  # (N, N) from `caption_neighbours`
+    bank: torch.Tensor,  # (N, D), unit norm: every distinct training caption
     weight: float,
+    temperature: float,
 ) -> torch.Tensor:
-    """Caption-bank targets with `weight` of each row moved onto its captions' text neighbours:
-    label smoothing that follows the text tower's similarities instead of spreading uniformly
-    (the idea of DeViSE-style semantic targets for zero-shot transfer: an image of a blackbird should
-    stay nearer "a hen" than "a fire engine", so that an unseen bird's caption still finds it)."""
-    return (1.0 - weight) * targets + weight * targets @ neighbours
+    """Caption-bank targets with `weight` of each row moved onto its captions' text neighbours: a
+    softmax of each own caption's similarities to the whole bank (itself included, the largest
+    share). Label smoothing that follows the text tower instead of spreading uniformly (the idea of
+    DeViSE-style semantic targets for zero-shot transfer: an image of a blackbird should stay nearer
+    "a hen" than "a fire engine", so that an unseen bird's caption still finds it).
+
+    Only the batch's own captions get their neighbours computed: (C, N) per step, never (N, N),
+    which a bank of 100,000 captions could not hold."""
+    if weight == 0:
+        return targets
+    own = targets.any(dim=0).nonzero().squeeze(1)  # (C,) the captions this batch's targets name
+    neighbours = F.softmax(bank[own] @ bank.T / temperature, dim=-1)  # (C, N)
+    return (1.0 - weight) * targets + weight * targets[:, own] @ neighbours

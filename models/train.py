@@ -37,7 +37,6 @@ from models.encoder import LoadedModel, is_text_side, resolve_device, state_dige
 from models.images import load_image
 from models.loss import (
     caption_bank_loss,
-    caption_neighbours,
     clip_loss,
     distillation_loss,
     semantic_smoothing,
@@ -313,7 +312,6 @@ class Trainer:
         self._locked_digest: str | None = None
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
         self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
-        self.neighbours: torch.Tensor | None = None  # (N, N) for semantic smoothing, from the bank
 
     def _check_semantic_smoothing(self) -> None:
         config = self.config
@@ -440,8 +438,9 @@ class Trainer:
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         bank_targets = (soft_targets(self.train_examples, image_ids, self.device)
                          if self.bank is not None and self.config.caption_bank_loss else None)  # (B, N)
-        if bank_targets is not None and self.neighbours is not None:
-            bank_targets = semantic_smoothing(bank_targets, self.neighbours, self.config.semantic_smoothing)
+        if bank_targets is not None and self.bank is not None and self.config.semantic_smoothing > 0:
+            bank_targets = semantic_smoothing(bank_targets, self.bank, self.config.semantic_smoothing,
+                                              self.config.semantic_temperature)
         loss = self._contrast(image_features, text_features, caption_ids, bank_targets)
         if mixing is not None:
             lam, partner = mixing
@@ -554,8 +553,6 @@ class Trainer:
             if self.text_frozen
             else None
         )
-        if self.bank is not None and self.config.semantic_smoothing > 0:
-            self.neighbours = caption_neighbours(self.bank, self.config.semantic_temperature)
         sampler = ResumableSampler(len(self.dataset), self.config.seed)
         p = self.progress
         while p.epoch < self.config.epochs and p.step < self.total_steps:

@@ -10,17 +10,21 @@ import torch
 import torch.nn.functional as F
 
 from models import train as train_module
-from models.loss import caption_neighbours, semantic_smoothing
+from models.loss import semantic_smoothing
 
 from .test_train import _config, _trainer, assert_resumes_to_the_same_weights
+
+
+def _dense_reference(targets: torch.Tensor, bank: torch.Tensor, weight: float, temperature: float) -> torch.Tensor:
+    """Every caption's neighbours at once, (N, N): the plain form of what the loss computes per batch."""
+    return (1.0 - weight) * targets + weight * targets @ F.softmax(bank @ bank.T / temperature, dim=-1)
 
 
 def test_smoothing_moves_its_share_of_each_target_onto_the_captions_text_neighbours() -> None:
     torch.manual_seed(0)
     bank = F.normalize(torch.randn(5, 8), dim=-1)
     targets = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0.5, 0.5, 0, 0]])  # one caption; two captions
-    neighbours = caption_neighbours(bank, temperature=0.1)
-    got = semantic_smoothing(targets, neighbours, weight=0.3)
+    got = semantic_smoothing(targets, bank, weight=0.3, temperature=0.1)
     for row in range(2):  # written out: each own caption hands 0.3 of its mass to a softmax of its similarities
         want = 0.7 * targets[row]
         for own in range(5):
@@ -28,10 +32,21 @@ def test_smoothing_moves_its_share_of_each_target_onto_the_captions_text_neighbo
             want = want + 0.3 * targets[row, own] * torch.exp(similarity / 0.1) / torch.exp(similarity / 0.1).sum()
         torch.testing.assert_close(got[row], want)
     torch.testing.assert_close(got.sum(dim=1), torch.ones(2))  # still distributions
-    assert torch.equal(neighbours.argmax(dim=1), torch.arange(5))  # a caption is its own nearest neighbour
-    assert torch.equal(semantic_smoothing(targets, neighbours, weight=0.0), targets)
+    assert bool((got[0, 0] > got[0, 1:]).all())  # a caption keeps the largest share of its own mass
+    assert torch.equal(semantic_smoothing(targets, bank, weight=0.0, temperature=0.1), targets)
     # a cold temperature keeps the mass at home: nothing moves
-    torch.testing.assert_close(semantic_smoothing(targets, caption_neighbours(bank, 1e-3), 1.0), targets)
+    torch.testing.assert_close(semantic_smoothing(targets, bank, 1.0, temperature=1e-3), targets)
+
+
+def test_per_batch_neighbours_equal_the_whole_banks() -> None:
+    """Only the batch's own captions get neighbours computed; the result is the dense form's."""
+    torch.manual_seed(1)
+    bank = F.normalize(torch.randn(300, 16), dim=-1)
+    targets = torch.zeros(8, 300)
+    for row in range(8):  # one to three captions per image, some shared between images
+        own = torch.randint(0, 40, (1 + row % 3,)).unique()
+        targets[row, own] = 1.0 / len(own)
+    torch.testing.assert_close(semantic_smoothing(targets, bank, 0.6, 0.07), _dense_reference(targets, bank, 0.6, 0.07))
 
 
 def test_the_trainers_bank_loss_takes_the_smoothed_targets(shapes_folder: Path, tmp_path: Path,
@@ -52,11 +67,9 @@ def test_the_trainers_bank_loss_takes_the_smoothed_targets(shapes_folder: Path, 
     trainer = _trainer(shapes_folder, _config(tmp_path / "run", epochs=1, max_steps=2, lock_text=True,
                                               semantic_smoothing=0.6, semantic_temperature=0.1))
     trainer.run()
-    assert trainer.bank is not None and trainer.neighbours is not None
-    torch.testing.assert_close(trainer.neighbours, caption_neighbours(trainer.bank, 0.1))
-    assert len(seen["used"]) == 2
+    assert trainer.bank is not None and len(seen["used"]) == 2
     for own, used in zip(seen["own"], seen["used"], strict=True):
-        torch.testing.assert_close(used, semantic_smoothing(own, trainer.neighbours, 0.6))
+        torch.testing.assert_close(used, _dense_reference(own, trainer.bank, 0.6, 0.1))
         assert not torch.equal(used, own)
 
 
