@@ -73,7 +73,6 @@ def distillation_loss(
     return -(targets * log_probs).sum(dim=-1).mean()
 
 
-
 def semantic_smoothing(
     targets: torch.Tensor,  # (B, N), rows sum to 1: each image's own captions
     bank: torch.Tensor,  # (N, D), unit norm: every distinct training caption
