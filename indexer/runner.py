@@ -243,7 +243,8 @@ def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: n
     version = artifacts.new_version_dir(config.out_dir)
     image_index, image_plan = build_index(image_vectors, config.index_type, config.memory_budget_bytes,
                                           config.use_gpu)
-    text_vectors = encoder.encode_texts([t["text"] for t in texts])
+    # the documents of image -> text search: the encoder's caption side (its image bank, if any)
+    text_vectors = encoder.encode_captions([t["text"] for t in texts])
     text_index, text_plan = build_index(text_vectors, None, config.memory_budget_bytes, config.use_gpu)
     stored = image_vectors.astype(np.float16 if config.float16 else np.float32)
     write_npy(version / "embeddings.npy", stored)

@@ -30,6 +30,22 @@ BANK_FILE = "trained/caption_bank.safetensors"
 CONFIG_KEY = "caption_bank"  # its settings, in the `clipsearch` section of the model config
 
 
+def mix_toward(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               config: CaptionBankConfig) -> torch.Tensor:
+    """Blend each row of `features` `(B, D)` with a softmax mixture of the `values` `(N, D)` whose
+    `keys` `(N, D)` are its `top_k` nearest: `blend * feature + (1 - blend) * mixture`, unit norm.
+    Row by row, so batching never changes a result. The caption bank mixes captions into images
+    (keys and values alike the captions); the image bank (`models.image_bank`) mixes training
+    images into captions (keys the captions, values their images)."""
+    features = F.normalize(features.float(), dim=-1)
+    keys, values = keys.to(features.device), values.to(features.device)
+    similarity = features @ keys.T  # (B, N)
+    top, indices = similarity.topk(min(config.top_k, keys.shape[0]), dim=-1)
+    weights = torch.softmax(top / config.temperature, dim=-1)  # (B, k)
+    mixture = F.normalize(torch.einsum("bk,bkd->bd", weights, values[indices]), dim=-1)
+    return F.normalize(config.blend * features + (1.0 - config.blend) * mixture, dim=-1)
+
+
 class CaptionBank:
     """Unit-norm caption embeddings `(N, D)` and the settings that mix them into image embeddings."""
 
@@ -50,26 +66,15 @@ class CaptionBank:
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Unit-norm image features `(B, D)` -> blended, unit-norm features `(B, D)`, row by row."""
-        features = F.normalize(features.float(), dim=-1)
-        bank = self.embeddings.to(features.device)
-        similarity = features @ bank.T  # (B, N)
-        values, indices = similarity.topk(min(self.config.top_k, len(self)), dim=-1)
-        weights = torch.softmax(values / self.config.temperature, dim=-1)  # (B, k)
-        mixture = F.normalize(torch.einsum("bk,bkd->bd", weights, bank[indices]), dim=-1)
-        blend = self.config.blend
-        return F.normalize(blend * features + (1.0 - blend) * mixture, dim=-1)
+        return mix_toward(features, self.embeddings, self.embeddings, self.config)
 
     def digest(self) -> str:
         """sha256 of the embeddings and settings: part of the model fingerprint."""
-        digest = hashlib.sha256(repr(sorted(asdict(self.config).items())).encode())
-        digest.update(self.embeddings.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return rows_digest(self.embeddings, self.config)
 
     def save(self, model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """Write the embeddings into `model_dir`; return the settings for the directory's config."""
-        tensor = self.embeddings.detach().to("cpu", dtype).contiguous()
-        atomic_write(model_dir / BANK_FILE, lambda tmp: save_file({"embeddings": tensor}, str(tmp)))
-        return {**asdict(self.config), "size": len(self)}
+        return save_rows(model_dir / BANK_FILE, self.embeddings, self.config, dtype)
 
     @classmethod
     def load(cls, model_dir: Path, meta: dict[str, Any]) -> CaptionBank | None:
@@ -77,11 +82,32 @@ class CaptionBank:
         settings = meta.get(CONFIG_KEY)
         if not settings:
             return None
-        path = model_dir / BANK_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{model_dir} names a caption bank in its config, but {path} is missing")
-        embeddings = load_file(str(path))["embeddings"]
-        if embeddings.shape[0] != settings.get("size", embeddings.shape[0]):
-            raise ValueError(f"{path} holds {embeddings.shape[0]} captions, its config says {settings['size']}")
-        config = CaptionBankConfig(**{k: v for k, v in settings.items() if k != "size"})
-        return cls(embeddings, config)
+        embeddings = load_rows(model_dir, BANK_FILE, settings, "a caption bank")
+        return cls(embeddings, CaptionBankConfig(**{k: v for k, v in settings.items() if k != "size"}))
+
+
+# Stored banks (this one and `models.image_bank`): rows in a safetensors file, settings in the config.
+
+def rows_digest(rows: torch.Tensor, config: CaptionBankConfig) -> str:
+    """sha256 of a bank's rows and settings: part of the model fingerprint."""
+    digest = hashlib.sha256(repr(sorted(asdict(config).items())).encode())
+    digest.update(rows.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_rows(path: Path, rows: torch.Tensor, config: CaptionBankConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """Write a bank's rows to `path` atomically; return its settings for the model config."""
+    tensor = rows.detach().to("cpu", dtype).contiguous()
+    atomic_write(path, lambda tmp: save_file({"embeddings": tensor}, str(tmp)))
+    return {**asdict(config), "size": int(rows.shape[0])}
+
+
+def load_rows(model_dir: Path, name: str, settings: dict[str, Any], what: str) -> torch.Tensor:
+    """The rows a model config's `settings` name, checked against the size they record."""
+    path = model_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} names {what} in its config, but {path} is missing")
+    rows = load_file(str(path))["embeddings"]
+    if rows.shape[0] != settings.get("size", rows.shape[0]):
+        raise ValueError(f"{path} holds {rows.shape[0]} rows, its config says {settings['size']}")
+    return rows

@@ -128,7 +128,8 @@ def _eval(args: argparse.Namespace) -> int:
     pair_set = _read_pairs(args)
     if args.held_out is not None:
         pair_set = held_out_only(pair_set, args.held_out, args.seed)
-    encoder = load_encoder(args.model, args.pretrained, device=args.device, caption_bank=not args.no_caption_bank)
+    encoder = load_encoder(args.model, args.pretrained, device=args.device, caption_bank=not args.no_caption_bank,
+                           image_bank=not args.no_image_bank)
     report = evaluate(encoder, pair_set, progress=not args.quiet)
     result = {"model": str(encoder.fingerprint), **report.as_dict()}
     text = json.dumps(result, indent=2)
@@ -151,6 +152,14 @@ def _model(args: argparse.Namespace) -> int:
         record = pack_default_data(args.data_dir, args.pack, progress=not args.quiet)
         print(json.dumps({"pack": str(args.pack), **{k: v for k, v in record.items() if k != "rejected"},
                           "rejected": len(record["rejected"])}, indent=2))
+        return 0
+    if args.image_bank:
+        from models.default_model import attach_image_bank
+
+        skipped = attach_image_bank(args.image_bank, args.data_dir, args.inner_split, args.device,
+                                    progress=not args.quiet)
+        print(json.dumps({"model_dir": str(args.image_bank), "image_bank": "attached",
+                          "skipped": dict(skipped)}, indent=2))
         return 0
     if args.data_only:  # seconds: enough to score the committed model on its held-out set
         recipe_manifest(args.data_dir)
@@ -256,7 +265,11 @@ def add_commands(subparsers: Any) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="the training run's seed (with --held-out)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
     evaluate.add_argument("--no-caption-bank", action="store_true",
-                          help="score the image tower alone, without the model directory's caption bank")
+                          help="score the image tower alone, without the model directory's caption bank (nor "
+                          "its image bank, built through it)")
+    evaluate.add_argument("--no-image-bank", action="store_true",
+                          help="image -> text against the captions as plain texts, without the model directory's "
+                          "image bank")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(handler=_eval)
 
@@ -295,6 +308,10 @@ def add_commands(subparsers: Any) -> None:
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")
+    model.add_argument("--image-bank", type=Path, default=None, metavar="MODEL_DIR",
+                       help="no training: (re)build the image bank of MODEL_DIR, a model the recipe trained on "
+                       "--data-dir (with --inner-split S if it was an inner-split run), from its own weights "
+                       "(seconds); training builds it anyway")
     model.add_argument("--quiet", action="store_true")
     model.set_defaults(handler=_model)
 

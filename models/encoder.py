@@ -4,7 +4,8 @@
 architecture with a pretrained tag or a local checkpoint file, or open_clip's `local-dir:` /
 `hf-hub:` names. Preprocessing runs on the CPU; the model runs on CUDA when present (autocast)
 and on the CPU otherwise, in channels_last on both. A model directory's caption bank, when it has
-one, is applied to every image embedding (see `models.caption_bank`).
+one, is applied to every image embedding (see `models.caption_bank`); its image bank to every
+caption embedded for image -> text search (`encode_captions`, see `models.image_bank`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 
 from models import checkpoint, registry
 from models.caption_bank import CaptionBank
+from models.image_bank import ImageBank
 from models.load_noise import quiet_model_build
 from models.preprocess import inference_transform, preprocess_digest
 
@@ -124,6 +126,7 @@ class DualEncoder:
         image_batch_size: int = 64,
         text_batch_size: int = 256,
         caption_bank: CaptionBank | None = None,
+        image_bank: ImageBank | None = None,
     ) -> None:
         self.model: Any = model.eval()  # an open_clip CLIP / CustomTextCLIP
         self.preprocess_config = dict(preprocess_config)
@@ -144,6 +147,10 @@ class DualEncoder:
             raise ValueError(f"the caption bank has {caption_bank.embeddings.shape[1]}-d embeddings, "
                              f"the model embeds into {self.dim} dimensions")
         self.caption_bank = caption_bank.to(device) if caption_bank is not None else None
+        if image_bank is not None and caption_bank is None:
+            # its rows were embedded through the caption bank: without it they are another space
+            raise ValueError("an image bank needs its model's caption bank")
+        self.image_bank = image_bank.to(device) if image_bank is not None else None
 
     @property
     def fingerprint(self) -> ModelFingerprint:
@@ -153,6 +160,8 @@ class DualEncoder:
             digest = hashlib.sha256(f"{digest}:{preprocess_digest(self.preprocess_config)}".encode()).hexdigest()
             if self.caption_bank is not None:  # the bank moves image embeddings: part of the space
                 digest = hashlib.sha256(f"{digest}:{self.caption_bank.digest()}".encode()).hexdigest()
+            if self.image_bank is not None:  # it moves the captions an image -> text index holds
+                digest = hashlib.sha256(f"{digest}:{self.image_bank.digest()}".encode()).hexdigest()
             self._fingerprint = ModelFingerprint(self._architecture, digest, self.dim)
         return self._fingerprint
 
@@ -193,11 +202,30 @@ class DualEncoder:
         return out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed strings -> float32 `(n, d)`, unit norm. Over-long texts are truncated by the tokenizer."""
+        """Embed strings -> float32 `(n, d)`, unit norm. Over-long texts are truncated by the tokenizer.
+        These are queries (text -> image search); see `encode_captions` for the texts images look for."""
+        return self._encode_strings(texts, self.model.encode_text)
+
+    def encode_captions(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed the captions or labels that images are to find (the documents of image -> text
+        search, e.g. a caption index) -> float32 `(n, d)`, unit norm. With an image bank
+        (`models.image_bank`) they are moved toward the training images of their nearest training
+        captions; without one this equals `encode_texts`."""
+        if self.image_bank is None:
+            return self.encode_texts(texts)
+        return self._encode_strings(texts, self._caption_features)
+
+    def _caption_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.image_bank is not None
+        features = self.model.encode_text(tokens)
+        with torch.autocast(self.device.type, enabled=False):  # float32, as for the caption bank
+            return self.image_bank.project(features)
+
+    def _encode_strings(self, texts: Sequence[str], encode: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for part in _batches(len(texts), self.text_batch_size):
             tokens = self.tokenizer(list(texts[part]))
-            out[part] = self._run(self.model.encode_text, tokens)
+            out[part] = self._run(encode, tokens)
         return out
 
 
@@ -212,6 +240,7 @@ class LoadedModel:
     preprocess_config: dict[str, Any]
     text_hub_id: str | None
     caption_bank: CaptionBank | None = None
+    image_bank: ImageBank | None = None
 
 
 def _preprocess_config(model: torch.nn.Module, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -247,6 +276,7 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> Loade
                 f"missing {missing_trained[:5]}"
             )
     model.to(device)
+    caption_bank = CaptionBank.load(model_dir, meta)
     return LoadedModel(
         model=model,
         architecture=str(meta.get("architecture", name)),
@@ -254,7 +284,8 @@ def load_model_dir(model_dir: Path, device: torch.device | str = "cpu") -> Loade
         model_config=model_config,
         preprocess_config=_preprocess_config(model, config.get("preprocess_cfg")),
         text_hub_id=hub_id,
-        caption_bank=CaptionBank.load(model_dir, meta),
+        caption_bank=caption_bank,
+        image_bank=ImageBank.load(model_dir, meta, caption_bank),
     )
 
 
@@ -317,11 +348,14 @@ def load_encoder(
     image_batch_size: int = 64,
     text_batch_size: int = 256,
     caption_bank: bool = True,
+    image_bank: bool = True,
 ) -> DualEncoder:
     """Load a model for inference. See the module docstring for what `model` may name.
 
     `caption_bank=False` leaves out a model directory's caption bank (see `models.caption_bank`):
-    the image tower's raw embeddings, in another space (another fingerprint).
+    the image tower's raw embeddings, in another space (another fingerprint). Its image bank
+    (`models.image_bank`), built through the caption bank, goes with it; `image_bank=False`
+    leaves out the image bank alone (captions embedded as plain texts).
 
     `pretrained`: an open_clip pretrained tag (needs its hub online or cached) or a checkpoint
     file, for an architecture name. Raises FileNotFoundError / KeyError / RuntimeError for a
@@ -339,4 +373,5 @@ def load_encoder(
         image_batch_size=image_batch_size,
         text_batch_size=text_batch_size,
         caption_bank=loaded.caption_bank if caption_bank else None,
+        image_bank=loaded.image_bank if caption_bank and image_bank else None,
     )

@@ -49,7 +49,8 @@ def held_out_only(pair_set: PairSet, fraction: float, seed: int = 0) -> PairSet:
 def evaluate(
     encoder: DualEncoder, pair_set: PairSet, ks: tuple[int, ...] = DEFAULT_KS, progress: bool = True
 ) -> EvalReport:
-    """Embed every image and caption of `pair_set` and score retrieval; bad images are skipped."""
+    """Embed every image and caption of `pair_set` and score retrieval; bad images are skipped.
+    The captions are text queries for text -> image and documents (`encode_captions`) for image -> text."""
     skipped: Counter[str] = Counter(pair_set.skipped)
     image_ids: dict[Any, int] = {}
     images = []
@@ -74,4 +75,10 @@ def evaluate(
     image_features = encoder.encode_images(images)
     text_features = encoder.encode_texts(texts)
     recall = retrieval_recall(image_features, text_features, np.asarray(owners), ks)
+    if encoder.image_bank is not None:
+        # image -> text searches the captions as documents (`encode_captions`), as a caption index
+        # does; text -> image keeps them as queries
+        documents = encoder.encode_captions(texts)
+        by_image = retrieval_recall(image_features, documents, np.asarray(owners), ks)
+        recall.update({k: v for k, v in by_image.items() if k.startswith("image_to_text")})
     return EvalReport(recall, len(images), len(texts), skipped)

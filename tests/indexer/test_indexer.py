@@ -393,6 +393,21 @@ def test_manifest_and_labels_inputs(tmp_path: Path, encoder) -> None:
     assert labels.image_index.ntotal == 0
 
 
+def test_a_caption_index_holds_the_captions_as_documents(tmp_path: Path) -> None:
+    """The text side of an index is what image -> text searches: its captions are embedded as
+    documents (`encode_captions`), through the model's image bank when it has one (the committed
+    default model does), not as text queries."""
+    default = load_encoder(device="cpu")
+    assert default.image_bank is not None
+    labels = ["a dog", "a piece of fruit", "a musical instrument"]
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    _index(tmp_path / "labels.txt", tmp_path / "labels", default)
+    index = load_index(tmp_path / "labels", expected=default.fingerprint)
+    stored = index.text_index.reconstruct_n(0, index.text_index.ntotal)
+    np.testing.assert_allclose(stored, default.encode_captions(labels), atol=1e-6)
+    assert not np.allclose(stored, default.encode_texts(labels), atol=1e-3)
+
+
 def test_parquet_manifest(tmp_path: Path, encoder) -> None:
     import pyarrow
     import pyarrow.parquet as pq

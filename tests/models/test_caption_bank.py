@@ -26,15 +26,18 @@ def _unit(rows: int, dim: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def _reference(image: np.ndarray, bank: np.ndarray, config: CaptionBankConfig) -> np.ndarray:
-    """ConSE by hand, one image at a time: softmax over the k most similar captions, blended."""
+def _reference(image: np.ndarray, bank: np.ndarray, config: CaptionBankConfig,
+               values: np.ndarray | None = None) -> np.ndarray:
+    """ConSE by hand, one image at a time: softmax over the k most similar captions, blended. With
+    `values` (the image bank), the rows mixed are those of the nearest captions' `values` rows."""
+    values = bank if values is None else values
     out = []
     for row in image:
         similarity = bank @ row
         top = np.argsort(-similarity, kind="stable")[: config.top_k]
         weights = np.exp((similarity[top] - similarity[top].max()) / config.temperature)
         weights /= weights.sum()
-        mixture = (weights[:, None] * bank[top]).sum(axis=0)
+        mixture = (weights[:, None] * values[top]).sum(axis=0)
         mixture /= np.linalg.norm(mixture)
         mixed = config.blend * row + (1 - config.blend) * mixture
         out.append(mixed / np.linalg.norm(mixed))
@@ -125,15 +128,21 @@ def test_the_monitor_reports_both_spaces(banked_model) -> None:
     assert {"text_to_image_R@10", "caption_bank_text_to_image_R@10", "caption_bank_image_to_text_R@1"} <= set(last)
 
 
-def test_a_missing_bank_file_is_named(banked_model, tmp_path: Path) -> None:
-    _, model_dir = banked_model
+def assert_a_missing_file_is_named(model_dir: Path, name: str, tmp_path: Path) -> Path:
+    """A copy of `model_dir` without its file `name` fails to load with an error naming the file;
+    returns the copy."""
     import shutil
 
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
-    (copy / BANK_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="caption_bank.safetensors"):
+    (copy / name).unlink()
+    with pytest.raises(FileNotFoundError, match=Path(name).name):
         load_encoder(copy, device="cpu")
+    return copy
+
+
+def test_a_missing_bank_file_is_named(banked_model, tmp_path: Path) -> None:
+    assert_a_missing_file_is_named(banked_model[1], BANK_FILE, tmp_path)
 
 
 def test_a_bank_needs_a_locked_text_tower(shapes_folder: Path, tmp_path: Path) -> None:

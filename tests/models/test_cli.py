@@ -216,3 +216,26 @@ def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch, caplog:
         main(["model", "--change", "weight_decay", "--inner-split", "1", "--run-dir", str(tmp_path)])
     assert main(["model", "--change", "lr=1", "--inner-split", "1", "--run-dir", str(tmp_path)]) == 2
     assert "the recipe cannot change lr; it can change weight_decay" in caplog.text
+
+
+def test_model_image_bank_builds_the_bank_and_trains_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`clipsearch model --image-bank DIR` (re)builds a recipe model's image bank from the data it
+    was trained on (an inner split's own with --inner-split), in seconds: no training, no export."""
+    from collections import Counter
+
+    import models.default_model
+
+    attached: list[tuple] = []
+
+    def attach(model_dir: Path, data_dir: Path, inner_split: int | None, device: str, progress: bool) -> Counter:
+        attached.append((model_dir, data_dir, inner_split, device))
+        return Counter({"bad_image:truncated": 1})
+
+    monkeypatch.setattr(models.default_model, "attach_image_bank", attach)
+    monkeypatch.setattr(models.default_model, "train_default_model", lambda *a, **k: pytest.fail("it trained"))
+    monkeypatch.setattr(models.default_model, "export_default_model", lambda *a, **k: pytest.fail("it exported"))
+    assert main(["model", "--image-bank", str(tmp_path / "m"), "--data-dir", "pack", "--inner-split", "1",
+                 "--quiet"]) == 0
+    assert attached == [(tmp_path / "m", Path("pack"), 1, "cpu")]
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"model_dir": str(tmp_path / "m"), "image_bank": "attached", "skipped": {"bad_image:truncated": 1}}

@@ -13,6 +13,7 @@ from PIL import Image
 from models import DEFAULT_MODEL_DIR, load_encoder
 from models.caption_bank import BANK_FILE
 from models.checkpoint import CONFIG_NAME, FULL_WEIGHTS_NAME, PARTIAL_WEIGHTS_NAME
+from models.image_bank import BANK_FILE as IMAGE_BANK_FILE
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 
@@ -56,6 +57,24 @@ def test_ships_a_caption_bank_that_moves_only_images(default_encoder) -> None:
     assert not np.allclose(mixed, alone)
     # the image embedding is the bank's mixing of what the image tower alone gives
     np.testing.assert_allclose(mixed, bank.project(torch.from_numpy(alone)).numpy(), atol=1e-5)
+
+
+def test_ships_an_image_bank_that_moves_only_captions_as_documents(default_encoder) -> None:
+    """The default model's captions for image -> text search pass through its image bank (the
+    recipe's settings, one float16 row per caption-bank row); its text queries and images do not."""
+    from models.default_model import IMAGE_BANK
+
+    assert (DEFAULT_MODEL_DIR / IMAGE_BANK_FILE).stat().st_size < 5 * 1024 * 1024
+    bank = default_encoder.image_bank
+    assert bank is not None and bank.config == IMAGE_BANK and len(bank) == len(default_encoder.caption_bank)
+    plain = load_encoder(image_bank=False)
+    assert plain.fingerprint != default_encoder.fingerprint
+    labels = ["a bird", "a piece of fruit"]
+    image = [Image.new("RGB", (40, 30), (200, 30, 30))]
+    np.testing.assert_array_equal(plain.encode_texts(labels), default_encoder.encode_texts(labels))
+    np.testing.assert_array_equal(plain.encode_images(image), default_encoder.encode_images(image))
+    np.testing.assert_allclose(default_encoder.encode_captions(labels),
+                               bank.project(torch.from_numpy(plain.encode_texts(labels))).numpy(), atol=1e-5)
 
 
 
@@ -144,9 +163,24 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     assert all(torch.equal(averaged[k], ((first[k].double() + second[k].double()) / 2).to(first[k].dtype))
                for k in first if first[k].is_floating_point())
 
+    # the model's image bank: built last, from the average's own weights and the recipe's training pairs
+    _assert_image_bank_of(trained, recipe.recipe_training_pairs(tmp_path / "data"))
+
     skipped = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=0,
                                          progress=False, precision="bf16")
     assert skipped == tmp_path / "run" / "model"
+    _assert_image_bank_of(skipped, recipe.recipe_training_pairs(tmp_path / "data"))
+
+
+def _assert_image_bank_of(model_dir: Path, pairs) -> None:
+    """`model_dir`'s image bank is the one its own weights give for these training pairs."""
+    from models.default_model import IMAGE_BANK
+    from models.image_bank import build_image_bank
+
+    shipped = load_encoder(model_dir, device="cpu").image_bank
+    assert shipped is not None and shipped.config == IMAGE_BANK
+    rebuilt, _ = build_image_bank(load_encoder(model_dir, device="cpu", image_bank=False), pairs, IMAGE_BANK)
+    torch.testing.assert_close(shipped.embeddings, rebuilt.embeddings)
 
 
 def test_export_of_the_committed_model_gives_the_committed_model(default_encoder, tmp_path: Path) -> None:
@@ -162,6 +196,7 @@ def test_export_of_the_committed_model_gives_the_committed_model(default_encoder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default"]
     assert (target / PARTIAL_WEIGHTS_NAME).read_bytes() == (DEFAULT_MODEL_DIR / PARTIAL_WEIGHTS_NAME).read_bytes()
     assert (target / BANK_FILE).read_bytes() == (DEFAULT_MODEL_DIR / BANK_FILE).read_bytes()
+    assert (target / IMAGE_BANK_FILE).read_bytes() == (DEFAULT_MODEL_DIR / IMAGE_BANK_FILE).read_bytes()
     exported = load_encoder(str(target))
     assert exported.fingerprint == default_encoder.fingerprint
 
@@ -207,6 +242,10 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
     # both cycles: seed 1, and the experiment's change
     assert seen == {"run": (training_side, 1, 0.3), "restart": (training_side, 1, 0.3)}
 
+    # its image bank: from the inner run's own training pairs, none of which it holds out
+    inner_pairs = recipe.recipe_training_pairs(tmp_path / "data", inner_split=1)
+    assert {p.image for p in inner_pairs} < training_side
+    _assert_image_bank_of(trained, inner_pairs)
     report = recipe.inner_split_report(trained, manifest, inner_split=1)
     inner = {p.image for p in held_out_only(recipe.training_side(everything), recipe.HELD_OUT_FRACTION, seed=1).pairs}
     assert inner and inner < training_side
