@@ -79,6 +79,8 @@ def _train(args: argparse.Namespace) -> int:
     semantic = {} if args.semantic_temperature is None else {"semantic_temperature": args.semantic_temperature}
     if semantic and not args.semantic_smoothing:  # the same: recorded, yet changing nothing
         raise ValueError("--semantic-temperature needs --semantic-smoothing W")
+    if args.image_bank and not args.caption_bank:  # refused before minutes of training, not after
+        raise ValueError("--image-bank needs --caption-bank: the caption bank's rows are its keys")
     config = TrainConfig(
         output_dir=args.out,
         epochs=args.epochs,
@@ -114,7 +116,16 @@ def _train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initial weights of a model trained from scratch
     loaded = create_model(args.model, args.pretrained)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    result = Trainer(loaded, tokenizer, pair_set, config).run()
+    trainer = Trainer(loaded, tokenizer, pair_set, config)
+    result = trainer.run()
+    if args.image_bank:
+        from models.config import ImageBankConfig
+        from models.encoder import load_encoder
+        from models.image_bank import build_image_bank
+
+        encoder = load_encoder(result.model_dir, device=args.device, image_bank=False)
+        bank, _ = build_image_bank(encoder, trainer.train_examples.as_pairs(), ImageBankConfig(), not args.quiet)
+        bank.attach(result.model_dir)
     last = result.metrics[-1] if result.metrics else {}
     print(json.dumps({"model_dir": str(result.model_dir), "steps": result.steps,
                       "skipped": dict(result.skipped), "last_epoch": last}, indent=2))
@@ -252,6 +263,9 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--caption-bank", action="store_true",
                        help="with --lock-text: ship the training captions with the model and mix each image "
                        "embedding with its nearest ones (helps unseen concepts on small data)")
+    train.add_argument("--image-bank", action="store_true",
+                       help="with --caption-bank: after training, ship the training images' embeddings too and mix "
+                       "each caption embedded for image -> text search with them (models/image_bank.py)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 

@@ -44,6 +44,10 @@ class Examples:
         ]
         return cls(list(image_ids), list(caption_ids), rows)
 
+    def as_pairs(self) -> list[Pair]:
+        """The pairs again, one per row (what an image bank is built from after training)."""
+        return [Pair(self.images[i], self.captions[c]) for i, c in self.pairs]
+
     @functools.cached_property
     def captions_of(self) -> list[list[int]]:
         """For each image, the indices of its distinct captions (a repeated manifest row counts once)."""

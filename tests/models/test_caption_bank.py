@@ -162,13 +162,21 @@ def test_cli_trains_with_a_bank_and_scores_both_spaces(
                  *common]) == 0
     model_dir = tmp_path / "run" / "model"
     assert (model_dir / BANK_FILE).is_file()
-    reports = {}
-    for name, extra in (("bank", []), ("raw", ["--no-caption-bank"])):
-        assert main(["eval", str(shapes_folder), "--model", str(model_dir), "--quiet",
-                     "--json", str(tmp_path / f"{name}.json"), *extra]) == 0
-        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    reports = eval_reports(model_dir, shapes_folder, tmp_path, {"bank": [], "raw": ["--no-caption-bank"]})
     assert reports["bank"]["model"] != reports["raw"]["model"]
     assert reports["bank"]["images"] == reports["raw"]["images"] == 192
+
+
+def eval_reports(model_dir: Path, data: Path, out: Path, variants: dict[str, list[str]]) -> dict[str, dict]:
+    """`clipsearch eval` of `model_dir` on `data` once per variant (its extra arguments): the JSON reports."""
+    from app.cli import main
+
+    reports = {}
+    for name, extra in variants.items():
+        assert main(["eval", str(data), "--model", str(model_dir), "--quiet", "--json", str(out / f"{name}.json"),
+                     *extra]) == 0
+        reports[name] = json.loads((out / f"{name}.json").read_text())
+    return reports
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ from models.image_bank import BANK_FILE, ImageBank, build_image_bank, image_rows
 from models.metrics import retrieval_recall
 from models.train import Trainer
 
-from .test_caption_bank import _reference, _train, _unit, assert_a_missing_file_is_named
+from ..conftest import TINY
+from .test_caption_bank import _reference, _train, _unit, assert_a_missing_file_is_named, eval_reports
 
 
 def test_projection_matches_the_plain_reference_and_ignores_batching() -> None:
@@ -63,19 +64,13 @@ def test_a_bank_needs_one_row_per_key_and_sane_settings() -> None:
     assert moved.digest() == ImageBank(_unit(10, 8, seed=5), keys, ImageBankConfig()).digest()
 
 
-def _trained_pairs(trainer: Trainer) -> list[Pair]:
-    """The pairs a Trainer trained on (its held-out share left out): what the bank is built from."""
-    images, captions = trainer.train_examples.images, trainer.train_examples.captions
-    return [Pair(images[i], captions[c]) for i, c in trainer.train_examples.pairs]
-
-
 @pytest.fixture(scope="module")
 def banked(shapes_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
     """A tiny trained model with a caption bank and, attached afterwards, an image bank."""
     trainer = _train(shapes_folder, tmp_path_factory.mktemp("run"))
     model_dir = trainer.run().model_dir
     encoder = load_encoder(model_dir, device="cpu")
-    bank, skipped = build_image_bank(encoder, _trained_pairs(trainer), ImageBankConfig(top_k=3, blend=0.5))
+    bank, skipped = build_image_bank(encoder, trainer.train_examples.as_pairs(), ImageBankConfig(top_k=3, blend=0.5))
     assert not skipped
     bank.attach(model_dir)
     return trainer, model_dir
@@ -136,7 +131,7 @@ def test_evaluation_scores_image_to_text_against_documents(banked, shapes_folder
 def test_building_checks_the_pairs_and_skips_unreadable_images(banked, tmp_path: Path) -> None:
     trainer, model_dir = banked
     encoder = load_encoder(model_dir, device="cpu", image_bank=False)
-    pairs = _trained_pairs(trainer)
+    pairs = trainer.train_examples.as_pairs()
     # a corrupt image under a known caption: skipped and counted, the bank as without it
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
@@ -175,8 +170,43 @@ def test_attaching_again_replaces_the_bank(banked, tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
     encoder = load_encoder(copy, device="cpu", image_bank=False)
-    bank, _ = build_image_bank(encoder, _trained_pairs(trainer), ImageBankConfig(top_k=1, blend=0.9))
+    bank, _ = build_image_bank(encoder, trainer.train_examples.as_pairs(), ImageBankConfig(top_k=1, blend=0.9))
     bank.attach(copy)
     again = load_encoder(copy, device="cpu")
     assert again.image_bank is not None and again.image_bank.config == ImageBankConfig(top_k=1, blend=0.9)
     assert again.fingerprint != load_encoder(model_dir, device="cpu").fingerprint
+
+
+def test_cli_trains_with_an_image_bank(shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`clipsearch train --caption-bank --image-bank` ships both banks, the image bank built from the
+    run's own training pairs after training; without a caption bank it is refused before training."""
+    from app.cli import main
+    from models.data import split_pairs
+
+    common = ["--model", TINY, "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet",
+              "--val-fraction", "0.25", "--seed", "0", "--lock-text"]
+    assert main(["train", str(shapes_folder), "--out", str(tmp_path / "no"), "--image-bank", *common]) == 2
+    assert "--image-bank needs --caption-bank" in caplog.text and not (tmp_path / "no").exists()
+    assert main(["train", str(shapes_folder), "--out", str(tmp_path / "run"), "--caption-bank", "--image-bank",
+                 *common]) == 0
+    model_dir = tmp_path / "run" / "model"
+    shipped = load_encoder(model_dir, device="cpu")
+    assert shipped.image_bank is not None and shipped.image_bank.config == ImageBankConfig()
+    trained, _ = split_pairs(read_pairs(shapes_folder), 0.25, 0)
+    rebuilt, _ = build_image_bank(load_encoder(model_dir, device="cpu", image_bank=False), trained, ImageBankConfig())
+    torch.testing.assert_close(shipped.image_bank.embeddings, rebuilt.embeddings)
+    reports = eval_reports(model_dir, shapes_folder, tmp_path, {"both": [], "captions only": ["--no-image-bank"]})
+    assert reports["both"]["model"] != reports["captions only"]["model"]
+    # text -> image never passes through the image bank
+    both, plain = reports["both"]["recall"], reports["captions only"]["recall"]
+    assert all(both[k] == plain[k] for k in both if k.startswith("text_to_image"))
+
+
+@pytest.mark.gpu
+def test_an_image_bank_has_one_fingerprint_on_every_device(banked) -> None:
+    """As for the caption bank: a caption index built on a GPU must load in a CPU replica."""
+    _, model_dir = banked
+    gpu, cpu = load_encoder(model_dir, device="cuda"), load_encoder(model_dir, device="cpu")
+    assert gpu.fingerprint == cpu.fingerprint
+    texts = ["a red circle", "a blue square", "a dog"]
+    assert (gpu.encode_captions(texts) * cpu.encode_captions(texts)).sum(1).min() > 0.99
