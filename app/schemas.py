@@ -93,6 +93,9 @@ class SearchResponse(BaseModel):
 class EmbedTextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(min_length=1, max_length=256)
+    # "query": to search images with; "caption": to be found by images (image -> text), as the
+    # indexer embeds a caption index: through the model's image bank, when it has one.
+    role: Literal["query", "caption"] = "query"
 
 
 class EmbedImageRequest(BaseModel):

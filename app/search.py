@@ -122,6 +122,14 @@ class SearchService:
         rows = await asyncio.gather(*(self.text_batcher.submit(t, timeout) for t in texts))
         return np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)
 
+    async def embed_captions(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, D) unit rows of captions as documents of image -> text search: the texts batch as
+        queries do, then the model's image bank (if any) mixes them, on the device thread."""
+        rows = await self.embed_texts(texts)
+        if self.encoder.image_bank is None:
+            return rows
+        return await asyncio.get_running_loop().run_in_executor(self.device_thread, self.encoder.as_captions, rows)
+
     def prepare_image(self, data: bytes) -> torch.Tensor:
         """Decode + preprocess untrusted bytes (CPU, any thread). Raises InvalidImage/UnsupportedImage."""
         started = time.perf_counter()

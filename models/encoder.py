@@ -204,29 +204,27 @@ class DualEncoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed strings -> float32 `(n, d)`, unit norm. Over-long texts are truncated by the tokenizer.
         These are queries (text -> image search); see `encode_captions` for the texts images look for."""
-        return self._encode_strings(texts, self.model.encode_text)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for part in _batches(len(texts), self.text_batch_size):
+            tokens = self.tokenizer(list(texts[part]))
+            out[part] = self._run(self.model.encode_text, tokens)
+        return out
 
     def encode_captions(self, texts: Sequence[str]) -> np.ndarray:
         """Embed the captions or labels that images are to find (the documents of image -> text
         search, e.g. a caption index) -> float32 `(n, d)`, unit norm. With an image bank
         (`models.image_bank`) they are moved toward the training images of their nearest training
         captions; without one this equals `encode_texts`."""
-        if self.image_bank is None:
-            return self.encode_texts(texts)
-        return self._encode_strings(texts, self._caption_features)
+        return self.as_captions(self.encode_texts(texts))
 
-    def _caption_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        assert self.image_bank is not None
-        features = self.model.encode_text(tokens)
-        with torch.autocast(self.device.type, enabled=False):  # float32, as for the caption bank
-            return self.image_bank.project(features)
-
-    def _encode_strings(self, texts: Sequence[str], encode: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for part in _batches(len(texts), self.text_batch_size):
-            tokens = self.tokenizer(list(texts[part]))
-            out[part] = self._run(encode, tokens)
-        return out
+    def as_captions(self, text_embeddings: np.ndarray) -> np.ndarray:
+        """The caption side of embeddings that `encode_texts` gave: the image bank's mixing, row
+        by row (so a server can batch texts once and serve both sides); unchanged without a bank."""
+        if self.image_bank is None or len(text_embeddings) == 0:
+            return text_embeddings
+        with torch.inference_mode():  # float32 on every device, as for the caption bank
+            features = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)).to(self.device)
+            return self.image_bank.project(features).cpu().numpy()
 
 
 @dataclass

@@ -78,7 +78,7 @@ def evaluate(
     if encoder.image_bank is not None:
         # image -> text searches the captions as documents (`encode_captions`), as a caption index
         # does; text -> image keeps them as queries
-        documents = encoder.encode_captions(texts)
+        documents = encoder.as_captions(text_features)
         by_image = retrieval_recall(image_features, documents, np.asarray(owners), ks)
         recall.update({k: v for k, v in by_image.items() if k.startswith("image_to_text")})
     return EvalReport(recall, len(images), len(texts), skipped)

@@ -36,11 +36,14 @@ def _response(vectors: np.ndarray, service: SearchService, started: float) -> Em
 
 @router.post("/v1/embed/text", response_model=EmbedResponse)
 async def embed_text(body: EmbedTextRequest, service: ServiceDep) -> EmbedResponse:
-    """Float32, L2-normalised text embeddings, one per input, in order."""
+    """Float32, L2-normalised text embeddings, one per input, in order. `role`: `query` (default)
+    to search images with, `caption` to store for image -> text search (as a caption index holds
+    them: through the model's image bank, when it has one)."""
     started = time.perf_counter()
     if len(body.texts) > service.settings.max_batch_inputs:
         raise InvalidInput(f"at most {service.settings.max_batch_inputs} texts per request")
-    return _response(await service.embed_texts(body.texts), service, started)
+    embed = service.embed_captions if body.role == "caption" else service.embed_texts
+    return _response(await embed(body.texts), service, started)
 
 
 @router.post("/v1/embed/image", response_model=EmbedResponse,

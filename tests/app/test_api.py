@@ -119,6 +119,35 @@ async def test_filters_inside_the_search(index_dir, app_encoder) -> None:
         _assert_error(await client.post("/v1/search/text", json={"query": "x", "filters": [{"field": "a"}]}), 422)
 
 
+async def test_captions_embed_and_search_as_documents(tmp_path) -> None:
+    """With a model that has an image bank (the default one), `role: caption` gives the vectors a
+    caption index holds (`encode_captions`), the default `query` role the plain text ones, and
+    image -> text search scores an image against the captions as documents."""
+    from indexer.reader import open_source
+    from indexer.runner import IndexConfig, run_index
+    from models import decode_image, load_encoder
+
+    encoder = load_encoder(device="cpu")
+    labels = ["a bird", "a piece of fruit", "a road sign"]
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    run_index(open_source(tmp_path / "labels.txt"), encoder, IndexConfig(out_dir=tmp_path / "index", progress=False))
+    async with running(settings_for(tmp_path / "index"), encoder) as (client, _):
+        as_captions = (await client.post("/v1/embed/text", json={"texts": labels, "role": "caption"})).json()
+        as_queries = (await client.post("/v1/embed/text", json={"texts": labels})).json()
+        np.testing.assert_allclose(as_captions["embeddings"], encoder.encode_captions(labels), atol=1e-5)
+        np.testing.assert_allclose(as_queries["embeddings"], encoder.encode_texts(labels), atol=1e-5)
+        assert not np.allclose(as_captions["embeddings"], as_queries["embeddings"], atol=1e-3)
+        _assert_error(await client.post("/v1/embed/text", json={"texts": labels, "role": "document"}), 422)
+        image = png_bytes()
+        found = (await client.post("/v1/search/image", files={"file": ("x.png", image, "image/png")},
+                                   data={"target": "texts", "k": "3"})).json()["results"]
+        expected = encoder.encode_captions(labels) @ encoder.encode_images([decode_image(image)])[0]
+        scores = {r["caption"]: r["score"] for r in found}
+        assert set(scores) == set(labels)
+        for label, score in zip(labels, expected, strict=True):
+            assert scores[label] == pytest.approx(float(score), abs=1e-4)
+
+
 async def test_embed_endpoints_match_the_encoder(index_dir, app_encoder) -> None:
     async with running(settings_for(index_dir), app_encoder) as (client, _):
         texts = ["a red circle", "a blue square"]
