@@ -90,6 +90,7 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
         mixup_alpha=args.mixup,
+        random_erasing=args.random_erasing,
         semantic_smoothing=args.semantic_smoothing,
         **semantic,
         teacher=args.teacher,
@@ -233,6 +234,8 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                        help="blend image pairs by lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0: off)")
+    train.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
+                       help="with probability P fill one random rectangle of each training image with noise (0: off)")
     train.add_argument("--semantic-smoothing", type=float, default=0.0, metavar="W",
                        help="with --lock-text: move this share of each image's caption-bank target onto its captions' "
                        "text neighbours (0: off)")
@@ -316,7 +319,7 @@ def add_commands(subparsers: Any) -> None:
                        "never scored on the held-out set (README: the experiment table's inner splits 1 and 2)")
     model.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
                        help="an experiment: change one setting of the recipe in both cycles (weight_decay, "
-                       "label_smoothing, mixup_alpha, grad_clip, warmup_steps, batch_size, semantic_smoothing, "
+                       "label_smoothing, mixup_alpha, random_erasing, grad_clip, warmup_steps, batch_size, semantic_smoothing, "
                        "semantic_temperature; teacher=MODEL_DIR to distil a trained model into the run, with "
                        "distill_weight and distill_temperature); repeatable; with --inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")

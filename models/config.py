@@ -80,6 +80,11 @@ class TrainConfig:
     # mixup: blend each batch's images pairwise by lambda ~ Beta(alpha, alpha) and their targets
     # alike; 0 disables (the default recipe's setting)
     mixup_alpha: float = 0.0
+    # Random erasing (Zhong et al. 2017; cutout): with this probability a training image gets one
+    # random rectangle (2-33 % of it) filled with noise, after the other augmentations. A setting
+    # of its own rather than of `augment`, so that checkpoints written before it still resume.
+    # 0 disables (the default recipe's setting).
+    random_erasing: float = 0.0
     # Semantic smoothing of the caption-bank targets (`models.loss.semantic_smoothing`): this share of
     # each image's target moves onto its captions' text neighbours, by a softmax of the text
     # similarities at `semantic_temperature`. 0: off (the default recipe's setting).

@@ -117,7 +117,7 @@ def default_train_config(
 # with their types. The learning rate is not among them: each cycle has its own. `teacher` is a
 # trained model directory (see `models.distill`); the two distill_ settings need one.
 RECIPE_CHANGES: dict[str, type] = {
-    "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "grad_clip": float,
+    "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "random_erasing": float, "grad_clip": float,
     "warmup_steps": int, "batch_size": int, "semantic_smoothing": float, "semantic_temperature": float,
     "teacher": Path, "distill_weight": float, "distill_temperature": float,
 }

@@ -275,6 +275,8 @@ class Trainer:
         self.eval_preprocess = inference_transform(self.preprocess_config)
         self.teacher = self._load_teacher()  # also before the decoding: a teacher that cannot teach fails at once
         self._check_semantic_smoothing()
+        # built before the decoding too, so that settings it refuses fail at once
+        transform = train_transform(self.preprocess_config, config.augment, config.random_erasing)
         keep_side = cache_side(self.preprocess_config) if config.cache_images else None
         pairs, cache, self.skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)
         if not pairs:
@@ -293,7 +295,7 @@ class Trainer:
             raise ValueError("a caption bank needs a locked text tower (lock_text / --lock-text): "
                              "its caption embeddings must not change after training")
         self.dataset = PairDataset(
-            self.train_examples, self.train_cache, train_transform(self.preprocess_config, config.augment)
+            self.train_examples, self.train_cache, transform
         )
         self.batch_size = min(config.batch_size, len(self.dataset))
         self.steps_per_epoch = len(self.dataset) // self.batch_size

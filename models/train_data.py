@@ -110,7 +110,10 @@ class PadToSquare:
         return ImageOps.pad(image, (side, side), color=(self.fill,) * 3)
 
 
-def train_transform(preprocess_config: dict[str, Any], augment: AugmentConfig) -> transforms.Compose:
+def train_transform(preprocess_config: dict[str, Any], augment: AugmentConfig,
+                    random_erasing: float = 0.0) -> transforms.Compose:
+    if not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
     size = preprocess_config.get("size", 224)
     size = size if isinstance(size, int) else size[0]
     steps: list[Any] = []
@@ -135,6 +138,8 @@ def train_transform(preprocess_config: dict[str, Any], augment: AugmentConfig) -
         transforms.ToTensor(),
         transforms.Normalize(preprocess_config["mean"], preprocess_config["std"]),
     ]
+    if random_erasing:  # on the normalised tensor: "random" fills with standard normal noise
+        steps.append(transforms.RandomErasing(random_erasing, scale=(0.02, 0.33), ratio=(0.3, 3.3), value="random"))
     return transforms.Compose(steps)
 
 

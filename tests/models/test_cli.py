@@ -108,6 +108,8 @@ def test_resuming_with_another_recipe_is_refused(tmp_path: Path, caplog: pytest.
     mixed = ["train", *run[1:3], str(tmp_path / "mixed"), *run[4:], "--epochs", "1", "--mixup", "0.2"]
     assert main(mixed) == 0
     assert json.loads((tmp_path / "mixed" / "metrics.json").read_text())["config"]["mixup_alpha"] == 0.2
+    assert main([*run, "--epochs", "1", "--random-erasing", "0.25"]) == 2  # so is random erasing
+    assert "random_erasing 0.0 -> 0.25" in caplog.text
 
 
 def test_train_distils_a_teacher_given_by_its_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

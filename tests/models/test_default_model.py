@@ -260,6 +260,7 @@ def test_recipe_changes_are_checked_and_typed() -> None:
 
     assert recipe.checked_changes({"weight_decay": "0.1", "batch_size": "128"}) == {"weight_decay": 0.1,
                                                                                      "batch_size": 128}
+    assert recipe.checked_changes({"random_erasing": "0.25"}) == {"random_erasing": 0.25}
     with pytest.raises(ValueError, match="the recipe cannot change lr; it can change weight_decay"):
         recipe.checked_changes({"lr": "1"})
     with pytest.raises(ValueError, match="batch_size takes a whole number, not 'big'"):

@@ -340,6 +340,48 @@ def test_trivial_augment_is_optional_and_fills_with_the_padding_colour() -> None
     assert outputs == {(3, 32, 32)}
 
 
+def test_random_erasing_fills_one_rectangle_with_noise_after_normalising() -> None:
+    """`random_erasing=P`: the last step, on the normalised tensor; off, the transform is the same
+    as before the setting existed (the committed recipe's draws unchanged)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from models.train_data import train_transform
+
+    preprocess = {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    flat = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.0, grayscale=0.0)
+    plain = train_transform(preprocess, flat)
+    assert [type(t) for t in train_transform(preprocess, flat, 0.0).transforms] == [type(t) for t in plain.transforms]
+    erasing = train_transform(preprocess, flat, 1.0)
+    assert isinstance(erasing.transforms[-1], transforms.RandomErasing)
+    image = Image.new("RGB", (32, 32), (255, 255, 255))  # normalises to 1.0 everywhere
+    torch.manual_seed(0)
+    for _ in range(10):
+        out = erasing(image)
+        changed = (out != 1.0).any(dim=0)
+        rows, cols = changed.nonzero(as_tuple=True)
+        area = int(changed.sum())
+        box = (int(rows.max() - rows.min()) + 1) * (int(cols.max() - cols.min()) + 1)
+        assert 0.015 * 32 * 32 <= area and area >= 0.95 * box  # one filled rectangle (noise may hit 1.0 rarely)
+        assert box <= 0.33 * 32 * 32 + 32
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="random_erasing is a probability"):
+            train_transform(preprocess, flat, bad)
+
+
+def test_a_random_erasing_run_resumes_to_the_same_weights(shapes_folder: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Erasing draws from the RNG that checkpoints restore: a resumed run repeats its draws."""
+    assert_resumes_to_the_same_weights(shapes_folder, tmp_path, monkeypatch, "random_erasing", 0.5, 0.0)
+
+
+def test_a_bad_erasing_probability_is_refused_before_any_image_is_decoded(shapes_folder: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_module, "decode_pairs", lambda *a, **k: pytest.fail("it decoded images"))
+    with pytest.raises(ValueError, match="random_erasing is a probability"):
+        _trainer(shapes_folder, _config(tmp_path / "run", random_erasing=2.0))
+
+
 def test_caption_bank_targets_spread_evenly_over_distinct_captions() -> None:
     a, b = Path("/a.png"), Path("/b.png")
     # a repeated row (a, "x") must neither double "x" nor leave a's row summing to less than 1
