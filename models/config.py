@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 # Training precisions (`TrainConfig.precision`, `clipsearch train --precision`).
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -31,9 +32,10 @@ class CaptionBankConfig:
     top_k: int = 50  # captions mixed per image
     temperature: float = 0.05  # softmax temperature over their cosine similarities
     blend: float = 0.4  # weight of the image's own embedding; the mixture gets 1 - blend
+    label: ClassVar[str] = "caption bank"  # in error messages
 
     def __post_init__(self) -> None:
-        what = "image bank" if isinstance(self, ImageBankConfig) else "caption bank"
+        what = self.label
         if self.top_k < 1:
             raise ValueError(f"{what} top_k must be at least 1, got {self.top_k}")
         if self.temperature <= 0:
@@ -50,6 +52,7 @@ class ImageBankConfig(CaptionBankConfig):
     # The embedded default model's, chosen on inner split 1 and confirmed on split 2 (README).
     top_k: int = 20  # nearest training captions whose images are mixed
     blend: float = 0.5  # weight of the caption's own embedding
+    label: ClassVar[str] = "image bank"
 
 
 @dataclass(frozen=True)

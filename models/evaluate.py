@@ -74,11 +74,7 @@ def evaluate(
         raise ValueError("nothing to evaluate: no usable pairs")
     image_features = encoder.encode_images(images)
     text_features = encoder.encode_texts(texts)
-    recall = retrieval_recall(image_features, text_features, np.asarray(owners), ks)
-    if encoder.image_bank is not None:
-        # image -> text searches the captions as documents (`encode_captions`), as a caption index
-        # does; text -> image keeps them as queries
-        documents = encoder.as_captions(text_features)
-        by_image = retrieval_recall(image_features, documents, np.asarray(owners), ks)
-        recall.update({k: v for k, v in by_image.items() if k.startswith("image_to_text")})
+    # image -> text searches the captions as documents (`encode_captions`), as a caption index does
+    recall = retrieval_recall(image_features, text_features, np.asarray(owners), ks,
+                              documents=encoder.as_captions(text_features))
     return EvalReport(recall, len(images), len(texts), skipped)

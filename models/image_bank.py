@@ -24,9 +24,8 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -41,6 +40,9 @@ from models.data import Pair
 from models.images import ImageRejected, load_image
 from models.train_data import Examples
 
+if TYPE_CHECKING:  # the encoder loads image banks: imported for the type only
+    from models.encoder import DualEncoder
+
 logger = logging.getLogger(__name__)
 
 BANK_FILE = "trained/image_bank.safetensors"
@@ -49,16 +51,6 @@ CONFIG_KEY = "image_bank"  # its settings, in the `clipsearch` section of the mo
 # 5e-4; captions of another data set differ by tenths.
 ALIGNMENT_TOLERANCE = 5e-3
 CHUNK = 256  # images decoded and embedded at a time while building
-
-
-class Embedder(Protocol):
-    """What building a bank needs of a `models.encoder.DualEncoder` (loaded without an image bank)."""
-
-    caption_bank: CaptionBank | None
-
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 class ImageBank:
@@ -130,7 +122,7 @@ def image_rows(image_features: torch.Tensor, captions_of: Sequence[Sequence[int]
     return F.normalize(rows, dim=-1)
 
 
-def build_image_bank(encoder: Embedder, pairs: Sequence[Pair], config: ImageBankConfig,
+def build_image_bank(encoder: DualEncoder, pairs: Sequence[Pair], config: ImageBankConfig,
                      progress: bool = False) -> tuple[ImageBank, Counter[str]]:
     """The image bank of a model from the pairs it was trained on (the trainer's training side):
     their distinct captions must be the caption bank's rows, in its order. An unreadable image is

@@ -24,9 +24,13 @@ def retrieval_recall(
     text_to_image: np.ndarray,  # (T,) index of each text's image
     ks: Sequence[int] = DEFAULT_KS,
     chunk: int = 1024,
+    documents: np.ndarray | None = None,  # (T, D): the texts as image->text searches them
 ) -> dict[str, float]:
     """Recall@K text->image (a caption finds its image) and image->text (an image finds any of
-    its captions), computed in row chunks so memory stays O(chunk x max(I, T))."""
+    its captions), computed in row chunks so memory stays O(chunk x max(I, T)). `documents`: the
+    same texts embedded as documents (`DualEncoder.encode_captions`), when they differ from the
+    queries; image->text searches those."""
+    documents = text_features if documents is None else documents
     kmax = max(ks)
     results: dict[str, float] = {}
     hits_t2i = np.zeros(len(ks))
@@ -38,7 +42,7 @@ def retrieval_recall(
             hits_t2i[j] += (top[:, :k] == truth).any(axis=1).sum()
     hits_i2t = np.zeros(len(ks))
     for start in range(0, len(image_features), chunk):
-        scores = image_features[start : start + chunk] @ text_features.T
+        scores = image_features[start : start + chunk] @ documents.T
         top = _topk(scores, kmax)
         owner = text_to_image[top]  # (chunk, kmax) image of each retrieved text
         mine = np.arange(start, start + len(scores))[:, None]

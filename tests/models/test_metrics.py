@@ -37,6 +37,22 @@ def test_matches_reference(chunk: int) -> None:
     assert 0 < got["text_to_image_R@1"] < 1  # the data is neither trivial nor hopeless
 
 
+def test_image_to_text_searches_the_documents_when_given() -> None:
+    """`documents`: the texts as image->text searches them (a caption index); text->image keeps
+    the queries. Each direction equals the plain reference on its own texts."""
+    rng = np.random.default_rng(1)
+    images = _unit(rng.normal(size=(40, 16)).astype(np.float32))
+    owner = np.repeat(np.arange(40), 2)
+    queries = _unit(images[owner] + rng.normal(scale=0.9, size=(80, 16)).astype(np.float32))
+    documents = _unit(images[owner] + rng.normal(scale=0.5, size=(80, 16)).astype(np.float32))
+    got = retrieval_recall(images, queries, owner, (1, 5), chunk=7, documents=documents)
+    as_queries, as_documents = reference_recall(images, queries, owner, (1, 5)), reference_recall(
+        images, documents, owner, (1, 5))
+    for key, value in got.items():
+        assert value == pytest.approx((as_documents if key.startswith("image_to_text") else as_queries)[key]), key
+    assert as_documents != as_queries  # the two really differ here
+
+
 def test_perfect_and_k_larger_than_gallery() -> None:
     images = np.eye(4, dtype=np.float32)
     recall = retrieval_recall(images, images.copy(), np.arange(4), ks=(1, 10))
