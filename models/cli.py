@@ -208,8 +208,14 @@ def _model(args: argparse.Namespace) -> int:
         return 0
     if args.no_export:
         print(trained)
-    else:
-        print(export_default_model(trained))
+        return 0
+    from models.default_model import attach_image_bank
+
+    exported = export_default_model(trained)
+    # The export stores the tower in float16: its image bank is rebuilt from those weights, the
+    # ones served, rather than kept from the float32 average (the committed bank was built so)
+    attach_image_bank(exported, args.data_dir, None, args.device, progress=not args.quiet)
+    print(exported)
     return 0
 
 
@@ -318,9 +324,9 @@ def add_commands(subparsers: Any) -> None:
                        "seed S, print and save (RUN_DIR/inner-split.json) its Recall@K there; never exported, "
                        "never scored on the held-out set (README: the experiment table's inner splits 1 and 2)")
     model.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
-                       help="an experiment: change one setting of the recipe in both cycles (weight_decay, "
-                       "label_smoothing, mixup_alpha, random_erasing, grad_clip, warmup_steps, batch_size, semantic_smoothing, "
-                       "semantic_temperature; teacher=MODEL_DIR to distil a trained model into the run, with "
+                       help="an experiment: change one setting of the recipe in both cycles (lr_scale, "
+                       "a factor on each cycle's peak learning rate; weight_decay, label_smoothing, mixup_alpha, "
+                       "random_erasing, grad_clip, warmup_steps, batch_size, semantic_smoothing, semantic_temperature; teacher=MODEL_DIR to distil a trained model into the run, with "
                        "distill_weight and distill_temperature); repeatable; with --inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",

@@ -114,10 +114,11 @@ def default_train_config(
 
 
 # Settings an experiment may change in both cycles at once (`clipsearch model --change KEY=VALUE`),
-# with their types. The learning rate is not among them: each cycle has its own. `teacher` is a
-# trained model directory (see `models.distill`); the two distill_ settings need one.
+# with their types. The learning rate is changed by `lr_scale`, a factor on both cycles' peak
+# rates, as each cycle has its own. `teacher` is a trained model directory (see `models.distill`);
+# the two distill_ settings need one.
 RECIPE_CHANGES: dict[str, type] = {
-    "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "random_erasing": float, "grad_clip": float,
+    "lr_scale": float, "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "random_erasing": float, "grad_clip": float,
     "warmup_steps": int, "batch_size": int, "semantic_smoothing": float, "semantic_temperature": float,
     "teacher": Path, "distill_weight": float, "distill_temperature": float,
 }
@@ -135,6 +136,8 @@ def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             kind = "whole number" if RECIPE_CHANGES[key] is int else "number"
             raise ValueError(f"{key} takes a {kind}, not {value!r}") from None
+    if checked.get("lr_scale", 1.0) <= 0:
+        raise ValueError(f"lr_scale must be positive, got {checked['lr_scale']}")
     if "teacher" in checked:
         checkpoint.read_model_dir(checked["teacher"])  # FileNotFoundError naming what is missing
     elif any(key.startswith("distill_") for key in checked):
@@ -185,14 +188,15 @@ def train_default_model(
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
     changes = checked_changes(changes or {})
-    first_config = replace(default_train_config(run_dir, epochs, progress, precision, device, workers),
-                           seed=seed, **changes)
+    lr_scale = changes.pop("lr_scale", 1.0)
+    first_recipe = default_train_config(run_dir, epochs, progress, precision, device, workers)
+    first_config = replace(first_recipe, lr=first_recipe.lr * lr_scale, seed=seed, **changes)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
         attach_image_bank(first.model_dir, data_dir, inner_split, device, progress)
         return first.model_dir
     config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device, workers),
-                     lr=RESTART_LR, seed=seed, **changes)
+                     lr=RESTART_LR * lr_scale, seed=seed, **changes)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     average = average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
     attach_image_bank(average, data_dir, inner_split, device, progress)

@@ -217,7 +217,38 @@ def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch, caplog:
     with pytest.raises(SystemExit, match="--change takes KEY=VALUE, not 'weight_decay'"):
         main(["model", "--change", "weight_decay", "--inner-split", "1", "--run-dir", str(tmp_path)])
     assert main(["model", "--change", "lr=1", "--inner-split", "1", "--run-dir", str(tmp_path)]) == 2
-    assert "the recipe cannot change lr; it can change weight_decay" in caplog.text
+    assert "the recipe cannot change lr; it can change lr_scale, weight_decay" in caplog.text
+
+
+def test_model_exports_then_rebuilds_the_image_bank_from_the_exported_weights(tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    """`make model`: the export stores the tower in float16, so the shipped image bank is built from
+    the exported folder (the weights served), from the recipe's data, after the export."""
+    from collections import Counter
+
+    import models.default_model
+
+    steps: list[tuple] = []
+
+    def train(data_dir: Path, run_dir: Path, **_: object) -> Path:
+        steps.append(("train", data_dir))
+        return run_dir / "average"
+
+    def export(trained: Path) -> Path:
+        steps.append(("export", trained))
+        return tmp_path / "default"
+
+    def attach(model_dir: Path, data_dir: Path, inner_split: int | None, device: str, progress: bool) -> Counter:
+        steps.append(("image bank", model_dir, data_dir, inner_split, device))
+        return Counter()
+
+    monkeypatch.setattr(models.default_model, "train_default_model", train)
+    monkeypatch.setattr(models.default_model, "export_default_model", export)
+    monkeypatch.setattr(models.default_model, "attach_image_bank", attach)
+    assert main(["model", "--data-dir", "data", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    assert steps == [("train", Path("data")), ("export", tmp_path / "run" / "average"),
+                     ("image bank", tmp_path / "default", Path("data"), None, "cpu")]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "default")]
 
 
 def test_model_image_bank_builds_the_bank_and_trains_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
