@@ -118,8 +118,9 @@ def default_train_config(
 # rates, as each cycle has its own. `teacher` is a trained model directory (see `models.distill`);
 # the two distill_ settings need one.
 RECIPE_CHANGES: dict[str, type] = {
-    "lr_scale": float, "weight_decay": float, "label_smoothing": float, "mixup_alpha": float, "random_erasing": float, "grad_clip": float,
-    "warmup_steps": int, "batch_size": int, "semantic_smoothing": float, "semantic_temperature": float,
+    "lr_scale": float, "weight_decay": float, "label_smoothing": float, "mixup_alpha": float,
+    "random_erasing": float, "grad_clip": float, "warmup_steps": int, "batch_size": int,
+    "semantic_smoothing": float, "semantic_temperature": float,
     "teacher": Path, "distill_weight": float, "distill_temperature": float,
 }
 
