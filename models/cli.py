@@ -326,7 +326,8 @@ def add_commands(subparsers: Any) -> None:
     model.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
                        help="an experiment: change one setting of the recipe in both cycles (lr_scale, "
                        "a factor on each cycle's peak learning rate; weight_decay, label_smoothing, mixup_alpha, "
-                       "random_erasing, grad_clip, warmup_steps, batch_size, semantic_smoothing, semantic_temperature; "
+                       "random_erasing, crop_scale_min (the random crops' smallest share of the area), grad_clip, warmup_steps, "
+                       "batch_size, semantic_smoothing, semantic_temperature; "
                        "teacher=MODEL_DIR to distil a trained model into the run, with distill_weight and "
                        "distill_temperature); repeatable; with --inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")

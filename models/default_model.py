@@ -115,11 +115,12 @@ def default_train_config(
 
 # Settings an experiment may change in both cycles at once (`clipsearch model --change KEY=VALUE`),
 # with their types. The learning rate is changed by `lr_scale`, a factor on both cycles' peak
-# rates, as each cycle has its own. `teacher` is a trained model directory (see `models.distill`);
+# rates, as each cycle has its own; the random crops' smallest area by `crop_scale_min` (the
+# largest stays the whole image). `teacher` is a trained model directory (see `models.distill`);
 # the two distill_ settings need one.
 RECIPE_CHANGES: dict[str, type] = {
     "lr_scale": float, "weight_decay": float, "label_smoothing": float, "mixup_alpha": float,
-    "random_erasing": float, "grad_clip": float, "warmup_steps": int, "batch_size": int,
+    "random_erasing": float, "crop_scale_min": float, "grad_clip": float, "warmup_steps": int, "batch_size": int,
     "semantic_smoothing": float, "semantic_temperature": float,
     "teacher": Path, "distill_weight": float, "distill_temperature": float,
 }
@@ -139,6 +140,8 @@ def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} takes a {kind}, not {value!r}") from None
     if checked.get("lr_scale", 1.0) <= 0:
         raise ValueError(f"lr_scale must be positive, got {checked['lr_scale']}")
+    if not 0 < checked.get("crop_scale_min", 1.0) <= 1:
+        raise ValueError(f"crop_scale_min is a share of the image's area in (0, 1], got {checked['crop_scale_min']}")
     if "teacher" in checked:
         checkpoint.read_model_dir(checked["teacher"])  # FileNotFoundError naming what is missing
     elif any(key.startswith("distill_") for key in checked):
@@ -191,6 +194,8 @@ def train_default_model(
     changes = checked_changes(changes or {})
     lr_scale = changes.pop("lr_scale", 1.0)
     first_recipe = default_train_config(run_dir, epochs, progress, precision, device, workers)
+    if "crop_scale_min" in changes:
+        changes["augment"] = replace(first_recipe.augment, scale=(changes.pop("crop_scale_min"), 1.0))
     first_config = replace(first_recipe, lr=first_recipe.lr * lr_scale, seed=seed, **changes)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:

@@ -223,7 +223,7 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
     class RecordingTrainer(recipe.Trainer):
         def __init__(self, loaded, tokenizer, pair_set, config, preprocess) -> None:
             seen[config.output_dir.name] = ({p.image for p in pair_set.pairs}, config.seed, config.mixup_alpha,
-                                              config.lr)
+                                              config.lr, config.augment)
             super().__init__(loaded, tokenizer, pair_set, config, preprocess)
 
     monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
@@ -234,16 +234,20 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
                         replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3))
 
     trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
-                                         progress=False, inner_split=1, changes={"mixup_alpha": "0.3", "lr_scale": "0.5"})
+                                         progress=False, inner_split=1, changes={"mixup_alpha": "0.3", "lr_scale": "0.5",
+                                                                            "crop_scale_min": "0.8"})
     everything = read_manifest(manifest)
     held_out = {p.image for p in held_out_only(everything, recipe.HELD_OUT_FRACTION, seed=0).pairs}
     training_side = {p.image for p in recipe.training_side(everything).pairs}
     assert held_out and training_side and held_out.isdisjoint(training_side)
     assert training_side | held_out == {p.image for p in everything.pairs}
-    # both cycles: seed 1, and the experiment's changes (lr_scale a factor on each cycle's own peak rate)
-    first_lr = full_recipe(tmp_path / "run", 1, False).lr
-    assert seen == {"run": (training_side, 1, 0.3, first_lr * 0.5),
-                    "restart": (training_side, 1, 0.3, recipe.RESTART_LR * 0.5)}
+    # both cycles: seed 1, and the experiment's changes (lr_scale a factor on each cycle's own peak rate;
+    # crop_scale_min the crops' smallest area, the rest of the augmentation the recipe's)
+    first_lr, augment = full_recipe(tmp_path / "run", 1, False).lr, full_recipe(tmp_path / "run", 1, False).augment
+    assert augment.scale != (0.8, 1.0)
+    cropped = replace(augment, scale=(0.8, 1.0))
+    assert seen == {"run": (training_side, 1, 0.3, first_lr * 0.5, cropped),
+                    "restart": (training_side, 1, 0.3, recipe.RESTART_LR * 0.5, cropped)}
 
     # its image bank: from the inner run's own training pairs, none of which it holds out
     inner_pairs = recipe.recipe_training_pairs(tmp_path / "data", inner_split=1)
@@ -267,6 +271,10 @@ def test_recipe_changes_are_checked_and_typed() -> None:
     assert recipe.checked_changes({"lr_scale": "0.5"}) == {"lr_scale": 0.5}
     with pytest.raises(ValueError, match="lr_scale must be positive, got 0.0"):
         recipe.checked_changes({"lr_scale": "0"})
+    assert recipe.checked_changes({"crop_scale_min": "0.8"}) == {"crop_scale_min": 0.8}
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValueError, match=r"crop_scale_min is a share of the image's area in \(0, 1\]"):
+            recipe.checked_changes({"crop_scale_min": bad})
     with pytest.raises(ValueError, match="the recipe cannot change lr; it can change lr_scale, weight_decay"):
         recipe.checked_changes({"lr": "1"})
     with pytest.raises(ValueError, match="batch_size takes a whole number, not 'big'"):
