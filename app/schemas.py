@@ -111,12 +111,16 @@ class EmbedResponse(BaseModel):
 
 
 class OpenAIEmbeddingRequest(BaseModel):
-    """OpenAI-compatible body; `model` is accepted and ignored (the server has one model)."""
+    """OpenAI-compatible body; `model` is accepted and ignored (the server has one model). `role`
+    is ours, as in `/v1/embed/text` (OpenAI clients send it as an extra body field); `dimensions`
+    must be the model's own when given: a shortened vector of this model is not a valid embedding."""
 
     input: str | list[str] = Field(examples=["a bird"])
     model: str | None = None
     encoding_format: Literal["float"] | None = None
+    dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    role: Literal["query", "caption"] = "query"
 
 
 class OpenAIEmbedding(BaseModel):

@@ -59,13 +59,20 @@ async def embed_image(request: Request, service: ServiceDep) -> EmbedResponse:
 
 @router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse)
 async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -> OpenAIEmbeddingResponse:
-    """OpenAI-compatible text embeddings, so existing embedding clients work unchanged."""
+    """OpenAI-compatible text embeddings, so existing embedding clients work unchanged. `role`
+    (an extra field) as in `/v1/embed/text`: `caption` for texts to be found by images."""
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not t for t in texts):
         raise InvalidInput("input must be a non-empty string or a list of non-empty strings")
     if len(texts) > service.settings.max_batch_inputs:
         raise InvalidInput(f"at most {service.settings.max_batch_inputs} inputs per request")
-    vectors = await service.embed_texts(texts)
+    if body.dimensions is not None and body.dimensions != service.encoder.dim:
+        # answered rather than ignored: a client asking for fewer dimensions would store vectors of
+        # another length than it expects
+        raise InvalidInput(f"this model embeds in {service.encoder.dim} dimensions; "
+                           f"dimensions={body.dimensions} is not offered (leave it out)")
+    embed = service.embed_captions if body.role == "caption" else service.embed_texts
+    vectors = await embed(texts)
     tokens = sum(len(t.split()) for t in texts)  # a word count: the tokenizer's count is model-specific
     return OpenAIEmbeddingResponse(
         data=[OpenAIEmbedding(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],

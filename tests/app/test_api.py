@@ -138,6 +138,11 @@ async def test_captions_embed_and_search_as_documents(tmp_path) -> None:
         np.testing.assert_allclose(as_queries["embeddings"], encoder.encode_texts(labels), atol=1e-5)
         assert not np.allclose(as_captions["embeddings"], as_queries["embeddings"], atol=1e-3)
         _assert_error(await client.post("/v1/embed/text", json={"texts": labels, "role": "document"}), 422)
+        # the OpenAI-shaped endpoint takes the same role, as an extra body field
+        openai = (await client.post("/v1/embeddings", json={"input": labels, "role": "caption"})).json()
+        np.testing.assert_allclose([d["embedding"] for d in openai["data"]], as_captions["embeddings"], atol=1e-6)
+        openai = (await client.post("/v1/embeddings", json={"input": labels})).json()
+        np.testing.assert_allclose([d["embedding"] for d in openai["data"]], as_queries["embeddings"], atol=1e-6)
         image = png_bytes()
         found = (await client.post("/v1/search/image", files={"file": ("x.png", image, "image/png")},
                                    data={"target": "texts", "k": "3"})).json()["results"]
@@ -168,6 +173,11 @@ async def test_embed_endpoints_match_the_encoder(index_dir, app_encoder) -> None
         single = (await client.post("/v1/embeddings", json={"input": "a red circle"})).json()
         assert len(single["data"]) == 1
         _assert_error(await client.post("/v1/embeddings", json={"input": ""}), 400)
+        same_size = (await client.post("/v1/embeddings", json={"input": texts, "dimensions": app_encoder.dim})).json()
+        assert [d["embedding"] for d in same_size["data"]] == [d["embedding"] for d in openai["data"]]
+        shorter = await client.post("/v1/embeddings", json={"input": texts, "dimensions": 8})
+        _assert_error(shorter, 400)
+        assert f"this model embeds in {app_encoder.dim} dimensions; dimensions=8" in shorter.text
         _assert_error(await client.post("/v1/embed/text", json={"texts": ["x"] * 300}), 422)
 
 
