@@ -189,9 +189,11 @@ def _model(args: argparse.Namespace) -> int:
     restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
     inner = args.inner_split
     run_dir = args.run_dir or (Path("runs/default") if inner is None else Path(f"runs/inner-{inner}"))
+    exporting = inner is None and not args.no_export
     trained = train_default_model(args.data_dir, run_dir, epochs=epochs, restart_epochs=restart_epochs,
                                   progress=not args.quiet, precision=args.precision, device=args.device,
-                                  inner_split=inner, workers=args.workers, changes=changes)
+                                  inner_split=inner, workers=args.workers, changes=changes,
+                                  image_bank=not exporting)  # the export builds the one it ships
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if inner is not None:  # an experiment: scored on its own held-out images, never exported
         from models import checkpoint
@@ -209,12 +211,9 @@ def _model(args: argparse.Namespace) -> int:
     if args.no_export:
         print(trained)
         return 0
-    from models.default_model import attach_image_bank
-
-    exported = export_default_model(trained)
-    # The export stores the tower in float16: its image bank is rebuilt from those weights, the
-    # ones served, rather than kept from the float32 average (the committed bank was built so)
-    attach_image_bank(exported, args.data_dir, None, args.device, progress=not args.quiet)
+    # The export stores the tower in float16: its image bank is built from those weights, the ones
+    # served, rather than from the float32 average (the committed bank was built so)
+    exported = export_default_model(trained, data_dir=args.data_dir, device=args.device, progress=not args.quiet)
     print(exported)
     return 0
 

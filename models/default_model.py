@@ -169,11 +169,13 @@ def train_default_model(
     inner_split: int | None = None,
     workers: int = 0,
     changes: Mapping[str, Any] | None = None,
+    image_bank: bool = True,
 ) -> Path:
     """Build the data set, train (resuming a killed run), return the trained model directory. With
     `restart_epochs`, a second cycle follows in `run_dir/restart`, from the first one's weights,
     and the model is the average of both cycles' weights, in `run_dir/average`. The model's image
-    bank is built last, from its final weights.
+    bank is built last, from its final weights (`image_bank=False` leaves it out: the export
+    builds its own from the float16 weights).
 
     `inner_split=S`: the same recipe on the training side only (`training_side`), holding out 20 %
     of it by seed S: the experiment protocol of the README's table (`inner_split_report` scores it).
@@ -199,13 +201,15 @@ def train_default_model(
     first_config = replace(first_recipe, lr=first_recipe.lr * lr_scale, seed=seed, **changes)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
-        attach_image_bank(first.model_dir, data_dir, inner_split, device, progress)
+        if image_bank:
+            attach_image_bank(first.model_dir, data_dir, inner_split, device, progress)
         return first.model_dir
     config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device, workers),
                      lr=RESTART_LR * lr_scale, seed=seed, **changes)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     average = average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
-    attach_image_bank(average, data_dir, inner_split, device, progress)
+    if image_bank:
+        attach_image_bank(average, data_dir, inner_split, device, progress)
     return average
 
 
@@ -238,9 +242,12 @@ def inner_split_report(model_dir: Path, eval_manifest: Path, inner_split: int, d
     return evaluate(encoder, pairs, progress=progress)
 
 
-def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) -> Path:
+def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR, data_dir: Path | None = None,
+                         device: str = "cpu", progress: bool = True) -> Path:
     """Copy the trained parts (image tower + temperature, float16) and the caption bank into the
-    embedded model folder."""
+    embedded model folder, and its image bank: with `data_dir` (the recipe's data) one built from
+    the exported float16 weights, the ones served, before the folder is published, so a killed
+    export never leaves a model without its bank; without it the trained folder's own bank."""
     loaded = load_model_dir(trained_dir)
     config, _ = checkpoint.read_model_dir(trained_dir)
     model_config = config["model_cfg"]
@@ -248,11 +255,13 @@ def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) ->
     if hub_id:  # name the text tower portably; the loader maps the id to the installed package
         model_config["text_cfg"]["hf_model_name"] = model_config["text_cfg"]["hf_tokenizer_name"] = hub_id
     meta = {k: v for k, v in config["clipsearch"].items() if k != "weights"}
+    if data_dir is not None:
+        meta.pop(IMAGE_BANK_KEY, None)  # rebuilt below from the float16 weights
 
     def build(staging: Path) -> None:
         if loaded.caption_bank is not None:
             meta[CAPTION_BANK_KEY] = loaded.caption_bank.save(staging, dtype=torch.float16)
-        if loaded.image_bank is not None:
+        if loaded.image_bank is not None and data_dir is None:
             meta[IMAGE_BANK_KEY] = loaded.image_bank.save(staging, dtype=torch.float16)
         checkpoint.save_model_dir(
             staging,
@@ -263,5 +272,7 @@ def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR) ->
             only=("visual.", "logit_scale"),
             dtype=torch.float16,
         )
+        if data_dir is not None:
+            attach_image_bank(staging, data_dir, None, device, progress)
 
     return checkpoint.publish_dir(target, build)

@@ -76,8 +76,8 @@ def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, cap
     calls: list[tuple[int, int, str, str, int]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str, inner_split: int | None, workers: int, changes: dict) -> Path:
-        assert inner_split is None and changes == {}
+               device: str, inner_split: int | None, workers: int, changes: dict, image_bank: bool) -> Path:
+        assert inner_split is None and changes == {} and image_bank  # not exported: its bank is its own
         calls.append((epochs, restart_epochs, precision, device, workers))
         return run_dir / "model"
 
@@ -181,7 +181,8 @@ def test_model_inner_split_scores_the_experiment_and_never_exports(tmp_path: Pat
     trained: list[tuple[Path, int | None, dict]] = []
 
     def record(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool, precision: str,
-               device: str, inner_split: int | None, workers: int, changes: dict) -> Path:
+               device: str, inner_split: int | None, workers: int, changes: dict, image_bank: bool) -> Path:
+        assert image_bank  # an experiment is scored through its own bank
         trained.append((run_dir, inner_split, changes))
         return run_dir / "average"
 
@@ -220,35 +221,32 @@ def test_a_changed_recipe_is_never_exported(tmp_path: Path, monkeypatch, caplog:
     assert "the recipe cannot change lr; it can change lr_scale, weight_decay" in caplog.text
 
 
-def test_model_exports_then_rebuilds_the_image_bank_from_the_exported_weights(tmp_path: Path, monkeypatch,
+def test_model_builds_the_shipped_image_bank_once_from_the_exported_weights(tmp_path: Path, monkeypatch,
                                                                               capsys) -> None:
     """`make model`: the export stores the tower in float16, so the shipped image bank is built from
-    the exported folder (the weights served), from the recipe's data, after the export."""
-    from collections import Counter
-
+    the exported folder (the weights served), from the recipe's data, by the export itself."""
     import models.default_model
 
     steps: list[tuple] = []
 
-    def train(data_dir: Path, run_dir: Path, **_: object) -> Path:
-        steps.append(("train", data_dir))
+    def train(data_dir: Path, run_dir: Path, image_bank: bool = True, **_: object) -> Path:
+        steps.append(("train", data_dir, image_bank))
         return run_dir / "average"
 
-    def export(trained: Path) -> Path:
-        steps.append(("export", trained))
+    def export(trained: Path, data_dir: Path | None = None, device: str = "cpu", progress: bool = True) -> Path:
+        steps.append(("export", trained, data_dir, device))
         return tmp_path / "default"
-
-    def attach(model_dir: Path, data_dir: Path, inner_split: int | None, device: str, progress: bool) -> Counter:
-        steps.append(("image bank", model_dir, data_dir, inner_split, device))
-        return Counter()
 
     monkeypatch.setattr(models.default_model, "train_default_model", train)
     monkeypatch.setattr(models.default_model, "export_default_model", export)
-    monkeypatch.setattr(models.default_model, "attach_image_bank", attach)
+    monkeypatch.setattr(models.default_model, "attach_image_bank", lambda *a, **k: pytest.fail("a second bank"))
     assert main(["model", "--data-dir", "data", "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
-    assert steps == [("train", Path("data")), ("export", tmp_path / "run" / "average"),
-                     ("image bank", tmp_path / "default", Path("data"), None, "cpu")]
+    # the float32 average gets no bank of its own: the export builds the one it ships, once
+    assert steps == [("train", Path("data"), False), ("export", tmp_path / "run" / "average", Path("data"), "cpu")]
     assert capsys.readouterr().out.split() == [str(tmp_path / "default")]
+    steps.clear()  # an experiment is never exported: its model keeps the bank of its own weights
+    assert main(["model", "--data-dir", "data", "--run-dir", str(tmp_path / "run"), "--quiet", "--no-export"]) == 0
+    assert steps == [("train", Path("data"), True)]
 
 
 def test_model_image_bank_builds_the_bank_and_trains_nothing(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -171,6 +171,11 @@ def test_recipe_restarts_from_the_first_cycle(shapes_folder: Path, tmp_path: Pat
     assert skipped == tmp_path / "run" / "model"
     _assert_image_bank_of(skipped, recipe.recipe_training_pairs(tmp_path / "data"))
 
+    # for an export, which builds its own bank from the float16 weights, the average gets none
+    bare = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
+                                      progress=False, precision="bf16", image_bank=False)
+    assert bare == trained and load_encoder(bare, device="cpu").image_bank is None
+
 
 def _assert_image_bank_of(model_dir: Path, pairs) -> None:
     """`model_dir`'s image bank is the one its own weights give for these training pairs."""
@@ -199,6 +204,32 @@ def test_export_of_the_committed_model_gives_the_committed_model(default_encoder
     assert (target / IMAGE_BANK_FILE).read_bytes() == (DEFAULT_MODEL_DIR / IMAGE_BANK_FILE).read_bytes()
     exported = load_encoder(str(target))
     assert exported.fingerprint == default_encoder.fingerprint
+
+
+def test_export_with_the_recipe_data_builds_its_image_bank_before_publishing(
+        default_encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make model` exports with the recipe's data: the image bank is built from the exported
+    (float16) folder while it is still staged, not copied from the trained one, so the published
+    folder is never without it."""
+    import models.default_model as recipe
+
+    built: list[tuple] = []
+
+    def attach(model_dir: Path, data_dir: Path, inner_split: int | None, device: str, progress: bool):
+        assert not (tmp_path / "default").exists()  # not published yet
+        assert not (model_dir / IMAGE_BANK_FILE).exists()  # the trained folder's bank was not copied
+        weights = (model_dir / PARTIAL_WEIGHTS_NAME).read_bytes()
+        assert weights == (DEFAULT_MODEL_DIR / PARTIAL_WEIGHTS_NAME).read_bytes()  # the float16 weights
+        built.append((data_dir, inner_split, device, progress))
+        default_encoder.image_bank.attach(model_dir)  # as attach_image_bank ends
+
+    monkeypatch.setattr(recipe, "attach_image_bank", attach)
+    target = recipe.export_default_model(DEFAULT_MODEL_DIR, tmp_path / "default", data_dir=tmp_path / "data",
+                                         progress=False)
+    assert built == [(tmp_path / "data", None, "cpu", False)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default"]
+    assert (target / IMAGE_BANK_FILE).read_bytes() == (DEFAULT_MODEL_DIR / IMAGE_BANK_FILE).read_bytes()
+    assert load_encoder(target, device="cpu").image_bank is not None
 
 
 def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_path: Path,
