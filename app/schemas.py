@@ -90,12 +90,16 @@ class SearchResponse(BaseModel):
     took_ms: float
 
 
+# Which side of the joint space a text is embedded for: "query" to search images with, "caption" to
+# be found by images (image -> text), as the indexer embeds a caption index: through the model's
+# image bank, when it has one.
+TextRole = Literal["query", "caption"]
+
+
 class EmbedTextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(min_length=1, max_length=256)
-    # "query": to search images with; "caption": to be found by images (image -> text), as the
-    # indexer embeds a caption index: through the model's image bank, when it has one.
-    role: Literal["query", "caption"] = "query"
+    role: TextRole = "query"
 
 
 class EmbedImageRequest(BaseModel):
@@ -120,7 +124,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float"] | None = None
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    role: Literal["query", "caption"] = "query"
+    role: TextRole = "query"
 
 
 class OpenAIEmbedding(BaseModel):

@@ -130,6 +130,10 @@ class SearchService:
             return rows
         return await asyncio.get_running_loop().run_in_executor(self.device_thread, self.encoder.as_captions, rows)
 
+    async def embed_for(self, texts: Sequence[str], role: str) -> np.ndarray:
+        """`embed_captions` for the role "caption", `embed_texts` (queries) otherwise."""
+        return await (self.embed_captions(texts) if role == "caption" else self.embed_texts(texts))
+
     def prepare_image(self, data: bytes) -> torch.Tensor:
         """Decode + preprocess untrusted bytes (CPU, any thread). Raises InvalidImage/UnsupportedImage."""
         started = time.perf_counter()

@@ -42,8 +42,7 @@ async def embed_text(body: EmbedTextRequest, service: ServiceDep) -> EmbedRespon
     started = time.perf_counter()
     if len(body.texts) > service.settings.max_batch_inputs:
         raise InvalidInput(f"at most {service.settings.max_batch_inputs} texts per request")
-    embed = service.embed_captions if body.role == "caption" else service.embed_texts
-    return _response(await embed(body.texts), service, started)
+    return _response(await service.embed_for(body.texts, body.role), service, started)
 
 
 @router.post("/v1/embed/image", response_model=EmbedResponse,
@@ -71,8 +70,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -
         # another length than it expects
         raise InvalidInput(f"this model embeds in {service.encoder.dim} dimensions; "
                            f"dimensions={body.dimensions} is not offered (leave it out)")
-    embed = service.embed_captions if body.role == "caption" else service.embed_texts
-    vectors = await embed(texts)
+    vectors = await service.embed_for(texts, body.role)
     tokens = sum(len(t.split()) for t in texts)  # a word count: the tokenizer's count is model-specific
     return OpenAIEmbeddingResponse(
         data=[OpenAIEmbedding(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
