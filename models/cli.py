@@ -100,6 +100,7 @@ def _train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        split_seed=args.split_seed,
         num_workers=args.workers,
         cache_images=not args.no_cache,
         caption_bank=CaptionBankConfig() if args.caption_bank else None,
@@ -258,7 +259,10 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of images")
     train.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="draws the initial weights, the order, the augmentation and the held-out split")
+    train.add_argument("--split-seed", type=int, default=None,
+                       help="draws the held-out split alone (default: --seed): runs of several seeds on one split")
     train.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto: mixed precision on CUDA, float32 on the CPU; bf16: bf16 autocast on the "
                             "CPU too (faster on some CPUs with native bf16, slower on others: time a short run first)")
@@ -284,7 +288,8 @@ def add_commands(subparsers: Any) -> None:
         "--held-out", type=float, default=None, metavar="FRACTION",
         help="score only the pairs a training run with this --val-fraction held out",
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="the training run's seed (with --held-out)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="with --held-out: the seed that drew the training run's split (its --split-seed, else its --seed)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
     evaluate.add_argument("--no-caption-bank", action="store_true",
                           help="score the image tower alone, without the model directory's caption bank (nor "
@@ -328,7 +333,8 @@ def add_commands(subparsers: Any) -> None:
                        "random_erasing, crop_scale_min (the random crops' smallest share of the area), grad_clip, warmup_steps, "
                        "batch_size, semantic_smoothing, semantic_temperature; "
                        "teacher=MODEL_DIR to distil a trained model into the run, with distill_weight and "
-                       "distill_temperature); repeatable; with --inner-split or --no-export only")
+                       "distill_temperature; seed=N, another seed for the initial weights and the run's randomness "
+                       "on the same split); repeatable; with --inner-split or --no-export only")
     model.add_argument("--no-export", action="store_true", help="train only; leave models/default/ alone")
     model.add_argument("--data-only", action="store_true",
                        help="only build the data set (seconds), e.g. to run `clipsearch eval` on its held-out split")

@@ -73,6 +73,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps; a checkpoint is also written at the end of every epoch
     keep_checkpoints: int = 2
     seed: int = 0
+    # The seed of the held-out split alone; None: `seed`, which then draws the split as well as the
+    # run's randomness. Set it to train several seeds on one split (their scores then compare).
+    split_seed: int | None = None
     num_workers: int = 0
     # Decode every image once and keep a small copy in memory: cheap epochs on small data sets.
     cache_images: bool = True

@@ -122,7 +122,7 @@ RECIPE_CHANGES: dict[str, type] = {
     "lr_scale": float, "weight_decay": float, "label_smoothing": float, "mixup_alpha": float,
     "random_erasing": float, "crop_scale_min": float, "grad_clip": float, "warmup_steps": int, "batch_size": int,
     "semantic_smoothing": float, "semantic_temperature": float,
-    "teacher": Path, "distill_weight": float, "distill_temperature": float,
+    "teacher": Path, "distill_weight": float, "distill_temperature": float, "seed": int,
 }
 
 
@@ -186,26 +186,31 @@ def train_default_model(
     if inner_split is not None and inner_split < 1:
         # seed 0 draws the recipe's own held-out split: on the training side it would hold out nothing
         raise ValueError(f"an inner split needs a seed of 1 or more, got {inner_split}")
-    torch.manual_seed(0)
+    changes = checked_changes(changes or {})
+    lr_scale = changes.pop("lr_scale", 1.0)
+    split = 0 if inner_split is None else inner_split
+    # The recipe draws its initial weights from seed 0 and the rest of its randomness (order, augmentation)
+    # from the split's seed. A `seed` change draws both from another seed and keeps the split: another
+    # run of the same recipe on the same images, to measure what the seed alone moves.
+    train_seed = changes.pop("seed", None)
+    seeds: dict[str, Any] = {"seed": split} if train_seed is None else {"seed": train_seed, "split_seed": split}
+    torch.manual_seed(0 if train_seed is None else train_seed)
     pairs = read_manifest(recipe_manifest(data_dir))
-    seed = 0 if inner_split is None else inner_split  # the trainer's seed draws its held-out split
     if inner_split is not None:
         pairs = training_side(pairs)
     loaded = create_model(ARCHITECTURE)
     tokenizer = open_clip.get_tokenizer(loaded.registered_name)
-    changes = checked_changes(changes or {})
-    lr_scale = changes.pop("lr_scale", 1.0)
     first_recipe = default_train_config(run_dir, epochs, progress, precision, device, workers)
     if "crop_scale_min" in changes:
         changes["augment"] = replace(first_recipe.augment, scale=(changes.pop("crop_scale_min"), 1.0))
-    first_config = replace(first_recipe, lr=first_recipe.lr * lr_scale, seed=seed, **changes)
+    first_config = replace(first_recipe, lr=first_recipe.lr * lr_scale, **seeds, **changes)
     first = Trainer(loaded, tokenizer, pairs, first_config, PREPROCESS).run()
     if restart_epochs <= 0:
         if image_bank:
             attach_image_bank(first.model_dir, data_dir, inner_split, device, progress)
         return first.model_dir
     config = replace(default_train_config(run_dir / "restart", restart_epochs, progress, precision, device, workers),
-                     lr=RESTART_LR * lr_scale, seed=seed, **changes)
+                     lr=RESTART_LR * lr_scale, **seeds, **changes)
     second = Trainer(load_model_dir(first.model_dir), tokenizer, pairs, config, PREPROCESS).run()
     average = average_model_dirs([first.model_dir, second.model_dir], run_dir / "average")
     if image_bank:

@@ -61,6 +61,11 @@ logger = logging.getLogger(__name__)
 _FREE_ON_RESUME = frozenset({"output_dir", "checkpoint_every", "keep_checkpoints", "num_workers", "device", "progress"})
 
 
+def held_out_seed(config: TrainConfig) -> int:
+    """The seed that draws the run's held-out split (`split_seed`, else `seed`)."""
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def recipe_of(config: TrainConfig) -> dict[str, str]:
     """The settings that decide what a run computes, as comparable strings (saved in checkpoints)."""
     return _comparable({k: repr(v) for k, v in sorted(asdict(config).items()) if k not in _FREE_ON_RESUME})
@@ -283,7 +288,8 @@ class Trainer:
             raise ValueError(f"no usable image-caption pairs (skipped: {dict(self.skipped)})")
         config.output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(config.output_dir / "rejects.json", rejects)
-        train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction, config.seed)
+        train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction,
+                                              held_out_seed(config))
         self.train_examples = Examples.from_pairs(train_pairs)
         self.held_examples = Examples.from_pairs(held_pairs)
         self.train_cache = [cache[p] for p in self.train_examples.images]

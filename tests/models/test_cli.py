@@ -144,6 +144,24 @@ def test_train_smooths_the_bank_targets_on_request(tmp_path: Path, caplog: pytes
     assert (config["semantic_smoothing"], config["semantic_temperature"]) == (0.5, 0.1)
 
 
+def test_train_split_seed_holds_out_what_eval_scores_with_that_seed(tmp_path: Path) -> None:
+    """`clipsearch train --seed 7 --split-seed 1` holds out the pairs `clipsearch eval --held-out --seed 1` scores."""
+    from ..conftest import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    assert main(["train", str(data), "--model", TINY, "--batch-size", "16", "--val-fraction", "0.25",
+                 "--warmup-steps", "1", "--device", "cpu", "--quiet", "--epochs", "1", "--max-steps", "1",
+                 "--seed", "7", "--split-seed", "1", "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["config"]["seed"], metrics["config"]["split_seed"]) == (7, 1)
+    counts = {}
+    for seed in ("1", "7"):
+        assert main(["eval", str(data), "--model", str(tmp_path / "run" / "model"), "--quiet", "--held-out", "0.25",
+                     "--seed", seed, "--json", str(tmp_path / f"held-{seed}.json")]) == 0
+        counts[seed] = json.loads((tmp_path / f"held-{seed}.json").read_text())["texts"]
+    assert counts["1"] == metrics["held_out_pairs"] != counts["7"]
+
+
 def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Checkpoints written before runs recorded their settings cannot be checked: they still resume,
     and the log says that the settings went unchecked."""

@@ -232,22 +232,39 @@ def test_export_with_the_recipe_data_builds_its_image_bank_before_publishing(
     assert load_encoder(target, device="cpu").image_bank is not None
 
 
+def _tiny_recipe(shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trainer: type) -> Path:
+    """Point the recipe at the shapes folder (as its manifest), a tiny model, a few steps and `trainer`;
+    returns the manifest."""
+    import json
+    from dataclasses import replace
+
+    import models.default_model as recipe
+
+    manifest = tmp_path / "pairs.jsonl"
+    rows = [{"image": str(p), "caption": p.with_suffix(".txt").read_text().splitlines()[0]}
+            for p in sorted(shapes_folder.rglob("*.png"))]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    full_recipe = recipe.default_train_config
+    monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
+    monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
+    monkeypatch.setattr(recipe, "Trainer", trainer)
+    monkeypatch.setattr(recipe, "default_train_config",
+                        lambda run_dir, epochs, progress, precision="auto", device="cpu", workers=0:
+                        replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3))
+    return manifest
+
+
 def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """`clipsearch model --inner-split S`, the experiment protocol: both cycles train (and
     validate) on the recipe's training side alone, split by seed S, and the report scores the
     images that run held out, none of which the recipe's held-out set contains."""
-    import json
     from dataclasses import replace
 
     import models.default_model as recipe
     from models.data import read_manifest
     from models.evaluate import held_out_only
 
-    manifest = tmp_path / "pairs.jsonl"
-    rows = [{"image": str(p), "caption": p.with_suffix(".txt").read_text().splitlines()[0]}
-            for p in sorted(shapes_folder.rglob("*.png"))]
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     full_recipe = recipe.default_train_config
     seen: dict[str, tuple[set[Path], int, float, float]] = {}
 
@@ -257,12 +274,7 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
                                               config.lr, config.augment)
             super().__init__(loaded, tokenizer, pair_set, config, preprocess)
 
-    monkeypatch.setattr(recipe, "build_default_dataset", lambda data_dir: manifest)
-    monkeypatch.setattr(recipe, "ARCHITECTURE", "clipsearch-tiny")
-    monkeypatch.setattr(recipe, "Trainer", RecordingTrainer)
-    monkeypatch.setattr(recipe, "default_train_config",
-                        lambda run_dir, epochs, progress, precision="auto", device="cpu", workers=0:
-                        replace(full_recipe(run_dir, epochs, progress, precision, device), batch_size=16, max_steps=3))
+    manifest = _tiny_recipe(shapes_folder, tmp_path, monkeypatch, RecordingTrainer)
 
     trained = recipe.train_default_model(tmp_path / "data", tmp_path / "run", epochs=1, restart_epochs=1,
                                          progress=False, inner_split=1, changes={"mixup_alpha": "0.3", "lr_scale": "0.5",
@@ -293,6 +305,33 @@ def test_an_inner_split_never_sees_the_held_out_images(shapes_folder: Path, tmp_
         recipe.train_default_model(tmp_path / "data", tmp_path / "other", inner_split=0)
 
 
+def test_a_seed_change_draws_another_run_on_the_same_split(shapes_folder: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--change seed=N`: both cycles run with seed N (initial weights, order, augmentation) and hold out
+    what the inner split holds out, so runs of several seeds on one split compare."""
+    import models.default_model as recipe
+
+    seen: dict[str, tuple[int, int | None, set[Path], torch.Tensor]] = {}
+
+    class RecordingTrainer(recipe.Trainer):
+        def __init__(self, loaded, tokenizer, pair_set, config, preprocess) -> None:
+            start = next(v for k, v in loaded.model.state_dict().items() if k.startswith("visual.")).clone()
+            super().__init__(loaded, tokenizer, pair_set, config, preprocess)
+            seen[config.output_dir.relative_to(tmp_path).as_posix()] = (
+                config.seed, config.split_seed, set(self.held_examples.images), start)
+
+    _tiny_recipe(shapes_folder, tmp_path, monkeypatch, RecordingTrainer)
+    for name, changes in (("plain", {}), ("seeded", {"seed": "7"})):
+        recipe.train_default_model(tmp_path / "data", tmp_path / name / "run", epochs=1, restart_epochs=1,
+                                   progress=False, inner_split=1, changes=changes, image_bank=False)
+    plain, plain_restart = seen["plain/run"], seen["plain/run/restart"]
+    seeded, seeded_restart = seen["seeded/run"], seen["seeded/run/restart"]
+    assert plain[:2] == plain_restart[:2] == (1, None)  # the recipe: the split's seed draws everything
+    assert seeded[:2] == seeded_restart[:2] == (7, 1)
+    assert plain[2] and seeded[2] == plain[2] == seeded_restart[2]  # the same images held out
+    assert not torch.equal(seeded[3], plain[3])  # other initial weights
+
+
 def test_recipe_changes_are_checked_and_typed() -> None:
     import models.default_model as recipe
 
@@ -300,6 +339,7 @@ def test_recipe_changes_are_checked_and_typed() -> None:
                                                                                      "batch_size": 128}
     assert recipe.checked_changes({"random_erasing": "0.25"}) == {"random_erasing": 0.25}
     assert recipe.checked_changes({"lr_scale": "0.5"}) == {"lr_scale": 0.5}
+    assert recipe.checked_changes({"seed": "3"}) == {"seed": 3}
     with pytest.raises(ValueError, match="lr_scale must be positive, got 0.0"):
         recipe.checked_changes({"lr_scale": "0"})
     assert recipe.checked_changes({"crop_scale_min": "0.8"}) == {"crop_scale_min": 0.8}

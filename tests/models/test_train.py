@@ -306,6 +306,30 @@ def assert_resumes_to_the_same_weights(data: Path, tmp_path: Path, monkeypatch: 
     assert any(not torch.equal(want[k], plain.model.state_dict()[k]) for k in want)  # the setting did something
 
 
+def test_split_seed_draws_the_held_out_split_alone(shapes_folder: Path, tmp_path: Path) -> None:
+    """`split_seed` keeps one held-out split across runs of other seeds (their scores then compare);
+    without it `seed` draws the split too. The run's own randomness still follows `seed`."""
+    def held(**seeds) -> set[str]:
+        trainer = _trainer(shapes_folder, _config(tmp_path / "run", epochs=1, **seeds))
+        return set(trainer.held_examples.images)
+
+    on_split_1 = held(seed=1)
+    assert on_split_1 and held(seed=7, split_seed=1) == on_split_1
+    assert held(seed=1, split_seed=7) == held(seed=7) != on_split_1
+    assert train_module.held_out_seed(_config(tmp_path, seed=3)) == 3
+    assert train_module.held_out_seed(_config(tmp_path, seed=3, split_seed=0)) == 0
+    # the same initial weights and split, another `seed`: another batch order and augmentation, other weights
+    def one_step(seed: int) -> dict[str, torch.Tensor]:
+        trainer = _trainer(shapes_folder, _config(tmp_path / f"step-{seed}", epochs=1, seed=seed, split_seed=1,
+                                                  max_steps=1))
+        trainer.run()
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    first, again, other = one_step(1), one_step(1), one_step(7)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_a_run_from_before_a_setting_existed_resumes_with_its_default(
     shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
