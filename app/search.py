@@ -23,6 +23,7 @@ from PIL import Image
 from app.batching import DynamicBatcher
 from app.errors import InvalidImage, InvalidInput, NotFound, NotReady, UnsupportedImage
 from app.observability import Metrics
+from app.schemas import TextRole
 from app.settings import Settings
 from indexer.artifacts import InvalidIndex, LoadedIndex, load_index, resolve_version, search_parameters
 from models import FingerprintMismatch, ImageLimits, ImageRejected, decode_image
@@ -130,7 +131,7 @@ class SearchService:
             return rows
         return await asyncio.get_running_loop().run_in_executor(self.device_thread, self.encoder.as_captions, rows)
 
-    async def embed_for(self, texts: Sequence[str], role: str) -> np.ndarray:
+    async def embed_for(self, texts: Sequence[str], role: TextRole) -> np.ndarray:
         """`embed_captions` for the role "caption", `embed_texts` (queries) otherwise."""
         return await (self.embed_captions(texts) if role == "caption" else self.embed_texts(texts))
 

@@ -319,13 +319,13 @@ def test_split_seed_draws_the_held_out_split_alone(shapes_folder: Path, tmp_path
     assert train_module.held_out_seed(_config(tmp_path, seed=3)) == 3
     assert train_module.held_out_seed(_config(tmp_path, seed=3, split_seed=0)) == 0
     # the same initial weights and split, another `seed`: another batch order and augmentation, other weights
-    def one_step(seed: int) -> dict[str, torch.Tensor]:
-        trainer = _trainer(shapes_folder, _config(tmp_path / f"step-{seed}", epochs=1, seed=seed, split_seed=1,
-                                                  max_steps=1))
+    def one_step(seed: int, name: str) -> dict[str, torch.Tensor]:
+        # a directory of its own each time: a run into a used one would resume it, not train afresh
+        trainer = _trainer(shapes_folder, _config(tmp_path / name, epochs=1, seed=seed, split_seed=1, max_steps=1))
         trainer.run()
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    first, again, other = one_step(1), one_step(1), one_step(7)
+    first, again, other = one_step(1, "first"), one_step(1, "again"), one_step(7, "other")
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
