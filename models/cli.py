@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.config import PRECISIONS  # a light module: the CLI imports torch only when a command runs
+# a light module: the CLI imports torch only when a command runs
+from models.config import PRECISIONS, AugmentConfig, CaptionBankConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +66,9 @@ def _read_pairs(args: argparse.Namespace) -> Any:
     return pair_set
 
 
-def _train(args: argparse.Namespace) -> int:
-    import open_clip
-
-    from models.config import AugmentConfig, CaptionBankConfig, TrainConfig
-    from models.encoder import create_model
-    from models.train import Trainer
-
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The `TrainConfig` of `clipsearch train`; options that would change nothing are refused here,
+    before minutes of decoding and training."""
     distill = {k: v for k, v in (("distill_weight", args.distill_weight),
                                  ("distill_temperature", args.distill_temperature)) if v is not None}
     if distill and args.teacher is None:  # it would be recorded in the recipe, yet change nothing
@@ -81,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("--semantic-temperature needs --semantic-smoothing W")
     if args.image_bank and not args.caption_bank:  # refused before minutes of training, not after
         raise ValueError("--image-bank needs --caption-bank: the caption bank's rows are its keys")
-    config = TrainConfig(
+    return TrainConfig(
         output_dir=args.out,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -112,8 +109,16 @@ def _train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         progress=not args.quiet,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    import open_clip
     import torch
 
+    from models.encoder import create_model
+    from models.train import Trainer
+
+    config = _train_config(args)
     pair_set = _read_pairs(args)
     torch.manual_seed(args.seed)  # the initial weights of a model trained from scratch
     loaded = create_model(args.model, args.pretrained)
@@ -153,31 +158,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from models.default_model import (
-        checked_changes,
-        export_default_model,
-        pack_default_data,
-        recipe_manifest,
-        train_default_model,
-    )
+    from models.default_model import checked_changes, export_default_model, train_default_model
 
-    if args.pack:
-        record = pack_default_data(args.data_dir, args.pack, progress=not args.quiet)
-        print(json.dumps({"pack": str(args.pack), **{k: v for k, v in record.items() if k != "rejected"},
-                          "rejected": len(record["rejected"])}, indent=2))
-        return 0
-    if args.image_bank:
-        from models.default_model import attach_image_bank
-
-        skipped = attach_image_bank(args.image_bank, args.data_dir, args.inner_split, args.device,
-                                    progress=not args.quiet)
-        print(json.dumps({"model_dir": str(args.image_bank), "image_bank": "attached",
-                          "skipped": dict(skipped)}, indent=2))
-        return 0
-    if args.data_only:  # seconds: enough to score the committed model on its held-out set
-        recipe_manifest(args.data_dir)
-        print(args.data_dir / "eval.jsonl")
-        return 0
+    if args.pack or args.image_bank or args.data_only:
+        return _model_without_training(args)
     started = time.time()
     from models.default_model import DEFAULT_EPOCHS, RESTART_EPOCHS
 
@@ -197,17 +181,7 @@ def _model(args: argparse.Namespace) -> int:
                                   image_bank=not exporting)  # the export builds the one it ships
     logger.info("trained in %.1f min", (time.time() - started) / 60)
     if inner is not None:  # an experiment: scored on its own held-out images, never exported
-        from models import checkpoint
-        from models.default_model import inner_split_report
-
-        def score(caption_bank: bool) -> dict[str, Any]:
-            return inner_split_report(trained, args.data_dir / "eval.jsonl", inner, args.device,
-                                      caption_bank=caption_bank, progress=not args.quiet).as_dict()
-
-        result = {"inner_split": inner, "model_dir": str(trained), "changes": json.loads(json.dumps(changes, default=str)),
-                  "with_caption_bank": score(True), "image_tower_alone": score(False)}
-        checkpoint.write_json(run_dir / "inner-split.json", result)
-        print(json.dumps(result, indent=2))
+        _report_inner_split(args, trained, run_dir, changes)
         return 0
     if args.no_export:
         print(trained)
@@ -219,6 +193,42 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_without_training(args: argparse.Namespace) -> int:
+    """`clipsearch model --pack`, `--image-bank` and `--data-only`: seconds, no training."""
+    from models.default_model import attach_image_bank, pack_default_data, recipe_manifest
+
+    if args.pack:
+        record = pack_default_data(args.data_dir, args.pack, progress=not args.quiet)
+        print(json.dumps({"pack": str(args.pack), **{k: v for k, v in record.items() if k != "rejected"},
+                          "rejected": len(record["rejected"])}, indent=2))
+    elif args.image_bank:
+        skipped = attach_image_bank(args.image_bank, args.data_dir, args.inner_split, args.device,
+                                    progress=not args.quiet)
+        print(json.dumps({"model_dir": str(args.image_bank), "image_bank": "attached",
+                          "skipped": dict(skipped)}, indent=2))
+    else:  # --data-only: enough to score the committed model on its held-out set
+        recipe_manifest(args.data_dir)
+        print(args.data_dir / "eval.jsonl")
+    return 0
+
+
+def _report_inner_split(args: argparse.Namespace, trained: Path, run_dir: Path, changes: dict[str, Any]) -> None:
+    """Score an inner-split run on the images its split held out, with and without the caption bank;
+    print it and save it to RUN_DIR/inner-split.json."""
+    from models import checkpoint
+    from models.default_model import inner_split_report
+
+    def score(caption_bank: bool) -> dict[str, Any]:
+        return inner_split_report(trained, args.data_dir / "eval.jsonl", args.inner_split, args.device,
+                                  caption_bank=caption_bank, progress=not args.quiet).as_dict()
+
+    result = {"inner_split": args.inner_split, "model_dir": str(trained),
+              "changes": json.loads(json.dumps(changes, default=str)),
+              "with_caption_bank": score(True), "image_tower_alone": score(False)}
+    checkpoint.write_json(run_dir / "inner-split.json", result)
+    print(json.dumps(result, indent=2))
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or not value:
@@ -228,6 +238,12 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def add_commands(subparsers: Any) -> None:
     """Register `train`, `eval` and `model` on the root parser's subparsers."""
+    _add_train_command(subparsers)
+    _add_eval_command(subparsers)
+    _add_model_command(subparsers)
+
+
+def _add_train_command(subparsers: Any) -> None:
     train = subparsers.add_parser("train", help="contrastive training on image-caption pairs")
     _add_data_arguments(train)
     _add_model_arguments(train, default="clipsearch-tiny")
@@ -281,6 +297,8 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 
+
+def _add_eval_command(subparsers: Any) -> None:
     evaluate = subparsers.add_parser("eval", help="Recall@1/5/10 of a model on a captioned set")
     _add_data_arguments(evaluate)
     _add_model_arguments(evaluate)
@@ -300,6 +318,8 @@ def add_commands(subparsers: Any) -> None:
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(handler=_eval)
 
+
+def _add_model_command(subparsers: Any) -> None:
     model = subparsers.add_parser("model", help="rebuild the embedded default model from Debian packages")
     model.add_argument("--data-dir", type=Path, default=Path("build/default-data"),
                        help="where the data set is built from the Debian packages, or a data pack (--pack) to "

@@ -109,7 +109,7 @@ class TrainConfig:
     device: str | None = None  # None: CUDA when available, else CPU
     # Mixed precision: "auto" is bf16 (fp16 with a grad scaler where bf16 is missing) on CUDA and
     # float32 on the CPU; "bf16" asks for bf16 autocast on the CPU too (about twice the speed of
-    # a convolutional tower's step on a CPU with native bf16; see `models.train.amp_settings`).
+    # a convolutional tower's step on a CPU with native bf16; see `models.optim.amp_settings`).
     precision: str = "auto"
     max_steps: int | None = None  # stop early (tests, smoke runs)
     progress: bool = True

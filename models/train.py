@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +28,20 @@ from tqdm import tqdm
 from models import checkpoint
 from models.caption_bank import CONFIG_KEY as CAPTION_BANK_KEY
 from models.caption_bank import CaptionBank
-from models.config import PRECISIONS, TrainConfig
-from models.data import PairSet, split_pairs
+from models.config import TrainConfig
+from models.data import Pair, PairSet, split_pairs
 from models.distill import Teacher
-from models.encoder import LoadedModel, is_text_side, resolve_device, state_digest
-from models.images import load_image
+from models.encoder import LoadedModel, resolve_device, state_digest
 from models.loss import (
     caption_bank_loss,
     clip_loss,
     distillation_loss,
     semantic_smoothing,
 )
-from models.metrics import retrieval_recall
+from models.monitor import embed_captions, evaluate_pairs
+from models.optim import amp_settings, create_optimizer, warmup_cosine
 from models.preprocess import inference_transform
+from models.towers import lock_towers, locked_state_keys, set_train_mode, text_parameter_names
 from models.train_data import (
     Examples,
     PairDataset,
@@ -78,142 +77,6 @@ def _comparable(recipe: dict[str, str]) -> dict[str, str]:
     if "teacher" in recipe and recipe["teacher"] != repr(None):
         return {**recipe, "teacher": "a model directory"}
     return recipe
-
-
-def _text_parameter_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if is_text_side(n)]
-
-
-def lock_towers(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> None:
-    """Freeze whole towers (LiT). Locked towers also stay in eval mode (dropout, batch-norm stats)."""
-    text_names = set(_text_parameter_names(model))
-    for name, param in model.named_parameters():
-        if (lock_text and name in text_names) or (lock_image and name.startswith("visual.")):
-            param.requires_grad_(False)
-
-
-def locked_state_keys(model: torch.nn.Module, lock_text: bool, lock_image: bool) -> set[str]:
-    """State-dict entries of the locked towers, weights and buffers alike: training never changes
-    them (`lock_towers` freezes their weights, `set_train_mode` their batch-norm statistics)."""
-    return {key for key in model.state_dict()
-            if (lock_image and key.startswith("visual.")) or (lock_text and is_text_side(key))}
-
-
-def set_train_mode(model: Any, lock_text: bool, lock_image: bool) -> None:
-    model.train()
-    if lock_image:
-        model.visual.eval()
-    if lock_text:
-        for name, module in model.named_children():
-            if name not in ("visual",):
-                module.eval()
-
-
-def create_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; gains, biases, norms and the temperature are exempt from weight decay (as in CLIP)."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or "logit_scale" in name or "norm" in name or name.endswith(".bias")
-        (no_decay if exempt else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-def warmup_cosine(warmup: int, total: int) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def amp_settings(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """The autocast dtype (None: float32) and, for float16, the gradient scaler a run uses."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp32":
-        return None, None
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16: use precision 'auto' (fp16 with a gradient scaler)")
-        return torch.bfloat16, None
-    # auto: the CPU stays in float32 by default, so a recipe's trajectory does not depend on
-    # whether the CPU has native bf16 (the embedded default model is trained this way)
-    if device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
-
-
-@torch.no_grad()  # not inference_mode: the caption bank takes part in the (image-side) backward pass
-def embed_captions(model: Any, tokenizer: Any, captions: Sequence[str], device: torch.device,
-                   batch_size: int = 256) -> torch.Tensor:
-    """(N, D) unit-norm text features of `captions`, in eval mode."""
-    was_training = model.training
-    model.eval()
-    parts = []
-    for start in range(0, len(captions), batch_size):
-        tokens = tokenizer(list(captions[start : start + batch_size])).to(device)
-        parts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    model.train(was_training)
-    if not parts:
-        return torch.empty(0, 0, device=device)
-    return torch.cat(parts)
-
-
-@torch.inference_mode()
-def evaluate_pairs(
-    model: Any,
-    tokenizer: Any,
-    preprocess: Any,
-    examples: Examples,
-    cache: Sequence[Image.Image | None],
-    device: torch.device,
-    batch_size: int = 128,
-    caption_bank: CaptionBank | None = None,
-    caption_features: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Recall@1/5/10 both ways over `examples` (images taken from `cache` when present).
-
-    With a `caption_bank`, the recalls of the image embeddings it mixes are added under keys
-    prefixed `caption_bank_`; the unprefixed ones stay those of the image tower alone.
-    `caption_features`: the `examples.captions` already embedded (a locked text tower), else
-    they are embedded here.
-    """
-    was_training = model.training
-    model.eval()
-    features = []
-    for start in range(0, len(examples.images), batch_size):
-        batch = []
-        for i in range(start, min(start + batch_size, len(examples.images))):
-            image = cache[i] if cache and cache[i] is not None else load_image(examples.images[i])
-            batch.append(preprocess(image))
-        pixels = torch.stack(batch).to(device, memory_format=torch.channels_last)
-        features.append(F.normalize(model.encode_image(pixels).float(), dim=-1))
-    model.train(was_training)
-    image_features = torch.cat(features)
-    text_features = (
-        caption_features
-        if caption_features is not None
-        else embed_captions(model, tokenizer, examples.captions, device).cpu().numpy()
-    )
-    caption_ids = np.array([c for _, c in examples.pairs], dtype=np.int64)
-    owners = np.array([i for i, _ in examples.pairs], dtype=np.int64)
-    recall = retrieval_recall(image_features.cpu().numpy(), text_features[caption_ids], owners)
-    if caption_bank is not None:
-        mixed = caption_bank.project(image_features).cpu().numpy()
-        recall.update({f"caption_bank_{k}": v for k, v in retrieval_recall(mixed, text_features[caption_ids],
-                                                                           owners).items()})
-    return recall
 
 
 def soft_targets(examples: Examples, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -282,12 +145,7 @@ class Trainer:
         self._check_semantic_smoothing()
         # built before the decoding too, so that settings it refuses fail at once
         transform = train_transform(self.preprocess_config, config.augment, config.random_erasing)
-        keep_side = cache_side(self.preprocess_config) if config.cache_images else None
-        pairs, cache, self.skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)
-        if not pairs:
-            raise ValueError(f"no usable image-caption pairs (skipped: {dict(self.skipped)})")
-        config.output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(config.output_dir / "rejects.json", rejects)
+        pairs, cache, self.skipped = self._decode(pair_set)
         train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction,
                                               held_out_seed(config))
         self.train_examples = Examples.from_pairs(train_pairs)
@@ -295,7 +153,7 @@ class Trainer:
         self.train_cache = [cache[p] for p in self.train_examples.images]
         self.held_cache = [cache[p] for p in self.held_examples.images]
         lock_towers(self.model, config.lock_text, config.lock_image)
-        text_names = set(_text_parameter_names(self.model))
+        text_names = set(text_parameter_names(self.model))
         self.text_frozen = not any(p.requires_grad for n, p in self.model.named_parameters() if n in text_names)
         if config.caption_bank is not None and not self.text_frozen:
             raise ValueError("a caption bank needs a locked text tower (lock_text / --lock-text): "
@@ -320,6 +178,18 @@ class Trainer:
         self._locked_digest: str | None = None
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
         self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
+
+    def _decode(self, pair_set: PairSet) -> tuple[list[Pair], dict[Path, Image.Image | None], Counter[str]]:
+        """Decode every pair's image once (kept in memory when `cache_images`), skip and count the
+        unreadable ones, and list them in the run directory's rejects.json."""
+        config = self.config
+        keep_side = cache_side(self.preprocess_config) if config.cache_images else None
+        pairs, cache, skipped, rejects = decode_pairs(pair_set, keep_side, config.progress)
+        if not pairs:
+            raise ValueError(f"no usable image-caption pairs (skipped: {dict(skipped)})")
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(config.output_dir / "rejects.json", rejects)
+        return pairs, cache, skipped
 
     def _check_semantic_smoothing(self) -> None:
         config = self.config

@@ -17,6 +17,7 @@ from models.checkpoint import FULL_WEIGHTS_NAME
 from models.data import read_pairs
 from models.encoder import create_model
 from models.loss import distillation_loss
+from models.monitor import embed_captions
 from models.train import Trainer
 
 from ..conftest import TINY
@@ -69,7 +70,7 @@ def test_a_teacher_pulls_the_model_toward_its_distribution(shapes_folder: Path, 
             got = _bank_distributions(student, ours)
         return float((want * (want.log() - got.log())).sum(dim=1).mean())
 
-    student.bank = train_module.embed_captions(student.model, student.tokenizer, student.train_examples.captions,
+    student.bank = embed_captions(student.model, student.tokenizer, student.train_examples.captions,
                                                student.device)
     before = divergence()
     # with all the weight on the teacher, the trainer's loss is the distillation loss alone

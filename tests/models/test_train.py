@@ -22,7 +22,9 @@ from models.checkpoint import FULL_WEIGHTS_NAME
 from models.config import AugmentConfig, TrainConfig
 from models.data import Pair, read_pairs
 from models.encoder import create_model
-from models.train import Trainer, evaluate_pairs, soft_targets
+from models.monitor import embed_captions, evaluate_pairs
+from models.towers import set_train_mode
+from models.train import Trainer, soft_targets
 from models.train_data import Examples
 
 from ..conftest import TINY, make_shapes_folder
@@ -424,12 +426,12 @@ def _convolutional_trainer_and_batch(
     loaded = create_model("clipsearch-minilm-cnn")
     config = _config(tmp_path / "run", batch_size=8, lock_text=True, **overrides)
     trainer = Trainer(loaded, open_clip.get_tokenizer(loaded.registered_name), read_pairs(shapes_folder), config)
-    trainer.bank = train_module.embed_captions(trainer.model, trainer.tokenizer, trainer.train_examples.captions,
+    trainer.bank = embed_captions(trainer.model, trainer.tokenizer, trainer.train_examples.captions,
                                                trainer.device)
     items = [trainer.dataset[i] for i in range(8)]
     images = torch.stack([item[0] for item in items])
     image_ids, caption_ids = (torch.tensor([item[k] for item in items]) for k in (1, 2))
-    train_module.set_train_mode(trainer.model, lock_text=True, lock_image=False)
+    set_train_mode(trainer.model, lock_text=True, lock_image=False)
     return trainer, (images, image_ids, caption_ids)
 
 
@@ -458,16 +460,6 @@ def test_channels_last_step_matches_the_plain_layout(shapes_folder: Path, tmp_pa
     # a whole, not element by element
     worst = max(float((fast[n] - plain[n]).norm() / plain[n].norm().clamp(min=1e-12)) for n in fast)
     assert worst < 2e-3, worst  # seen: 3.5e-4 (a mistake in the layout gives order 1)
-
-
-def test_precision_settings_per_device() -> None:
-    """float32 on the CPU unless bf16 is asked for; an unknown precision is refused by name."""
-    cpu = torch.device("cpu")
-    assert train_module.amp_settings(cpu, "auto") == (None, None)
-    assert train_module.amp_settings(cpu, "fp32") == (None, None)
-    assert train_module.amp_settings(cpu, "bf16") == (torch.bfloat16, None)
-    with pytest.raises(ValueError, match="auto, fp32, bf16"):
-        train_module.amp_settings(cpu, "fp16")
 
 
 def test_trainer_refuses_an_unknown_precision_before_decoding(shapes_folder: Path, tmp_path: Path) -> None:
