@@ -11,11 +11,18 @@ DEFAULT_KS = (1, 5, 10)
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best columns per row, best first (ties broken by lower index)."""
+    """Indices of the k best columns per row, best first, ties broken by lower index: the same
+    answer on every machine. argpartition alone would choose among columns tied at the k-th
+    place by its own algorithm, which differs with numpy's SIMD path; so every column at least as
+    good as the k-th takes part in the final (score, index) sort."""
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    negated = -scores
+    kth = np.partition(negated, k - 1, axis=1)[:, k - 1]  # (R,) the k-th best score of each row, negated
+    top = np.empty((len(scores), k), dtype=np.int64)
+    for row, (values, bound) in enumerate(zip(negated, kth, strict=True)):
+        candidates = np.flatnonzero(values <= bound)  # k of them, more when some tie at the k-th place
+        top[row] = candidates[np.lexsort((candidates, values[candidates]))[:k]]
+    return top
 
 
 def retrieval_recall(
