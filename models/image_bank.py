@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 from models import checkpoint
@@ -89,7 +89,8 @@ class ImageBank:
         """Add this bank to an existing model directory (replacing one it had): the rows first, in
         the precision of the directory's caption bank (float16 in the committed model), then the
         config that names them, each written atomically."""
-        stored = load_file(str(model_dir / CAPTION_BANK_FILE))["embeddings"].dtype
+        with safe_open(str(model_dir / CAPTION_BANK_FILE), framework="pt") as rows:
+            stored = rows.get_slice("embeddings")[:1].dtype  # one row read, not the whole bank
         settings = self.save(model_dir, dtype=stored)
         config, _ = checkpoint.read_model_dir(model_dir)
         config["clipsearch"][CONFIG_KEY] = settings

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from models import load_encoder
+from models.caption_bank import BANK_FILE as CAPTION_BANK_FILE
 from models.caption_bank import CaptionBank
 from models.checkpoint import CONFIG_NAME
 from models.config import CaptionBankConfig, ImageBankConfig
@@ -175,6 +177,23 @@ def test_attaching_again_replaces_the_bank(banked, tmp_path: Path) -> None:
     again = load_encoder(copy, device="cpu")
     assert again.image_bank is not None and again.image_bank.config == ImageBankConfig(top_k=1, blend=0.9)
     assert again.fingerprint != load_encoder(model_dir, device="cpu").fingerprint
+
+
+def test_an_attached_bank_is_stored_in_its_caption_banks_precision(banked, tmp_path: Path) -> None:
+    """The committed model keeps its caption bank in float16: an image bank attached to it is stored
+    so too, one precision for both banks (read from the caption bank's file header)."""
+    trainer, model_dir = banked
+    assert load_file(str(model_dir / BANK_FILE))["embeddings"].dtype == torch.float32
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    keys = load_file(str(copy / CAPTION_BANK_FILE))["embeddings"]
+    save_file({"embeddings": keys.half()}, str(copy / CAPTION_BANK_FILE))
+    bank, _ = build_image_bank(load_encoder(model_dir, device="cpu", image_bank=False),
+                               trainer.train_examples.as_pairs(), ImageBankConfig(top_k=3, blend=0.5))
+    bank.attach(copy)
+    stored = load_file(str(copy / BANK_FILE))["embeddings"]
+    assert stored.dtype == torch.float16
+    assert torch.allclose(stored.float(), load_file(str(model_dir / BANK_FILE))["embeddings"], atol=1e-3)
 
 
 def test_cli_trains_with_an_image_bank(shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
