@@ -16,6 +16,8 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     place by its own algorithm, which differs with numpy's SIMD path; so every column at least as
     good as the k-th takes part in the final (score, index) sort."""
     k = min(k, scores.shape[1])
+    if np.isnan(scores).any():  # NaN ranks nowhere: say where it comes from instead of a shape error
+        raise ValueError("similarity scores contain NaN: the model produced NaN embeddings")
     negated = -scores
     kth = np.partition(negated, k - 1, axis=1)[:, k - 1]  # (R,) the k-th best score of each row, negated
     top = np.empty((len(scores), k), dtype=np.int64)

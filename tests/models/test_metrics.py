@@ -58,6 +58,13 @@ def test_ties_go_to_the_lower_index_on_every_machine(chunk: int) -> None:
     assert 0 < got["text_to_image_R@10"] < 1 and 0 < got["image_to_text_R@10"] < 1
 
 
+def test_nan_embeddings_are_refused_by_name() -> None:
+    images = np.eye(4, dtype=np.float32)
+    images[2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN embeddings"):
+        retrieval_recall(images, np.eye(4, dtype=np.float32), np.arange(4))
+
+
 def test_image_to_text_searches_the_documents_when_given() -> None:
     """`documents`: the texts as image->text searches them (a caption index); text->image keeps
     the queries. Each direction equals the plain reference on its own texts."""
