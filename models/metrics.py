@@ -16,8 +16,6 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     place by its own algorithm, which differs with numpy's SIMD path; so every column at least as
     good as the k-th takes part in the final (score, index) sort."""
     k = min(k, scores.shape[1])
-    if np.isnan(scores).any():  # NaN ranks nowhere: say where it comes from instead of a shape error
-        raise ValueError("similarity scores contain NaN: the model produced NaN embeddings")
     negated = -scores
     kth = np.partition(negated, k - 1, axis=1)[:, k - 1]  # (R,) the k-th best score of each row, negated
     top = np.empty((len(scores), k), dtype=np.int64)
@@ -40,6 +38,9 @@ def retrieval_recall(
     same texts embedded as documents (`DualEncoder.encode_captions`), when they differ from the
     queries; image->text searches those."""
     documents = text_features if documents is None else documents
+    # checked once on the embeddings, not on every score chunk: a NaN would rank nowhere in `_topk`
+    if not all(np.isfinite(a).all() for a in (image_features, text_features, documents)):
+        raise ValueError("the embeddings contain NaN or infinity: the model produced non-finite embeddings")
     kmax = max(ks)
     results: dict[str, float] = {}
     hits_t2i = np.zeros(len(ks))

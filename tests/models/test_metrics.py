@@ -61,7 +61,7 @@ def test_ties_go_to_the_lower_index_on_every_machine(chunk: int) -> None:
 def test_nan_embeddings_are_refused_by_name() -> None:
     images = np.eye(4, dtype=np.float32)
     images[2, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN embeddings"):
+    with pytest.raises(ValueError, match="non-finite embeddings"):
         retrieval_recall(images, np.eye(4, dtype=np.float32), np.arange(4))
 
 
