@@ -1,0 +1,76 @@
+"""`clipsearch demo` (what `make demo` runs): indexes the gallery, serves it, and answers the
+README's example queries with the table the README shows."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from app.demo import EXAMPLE_QUERIES, STAMPS_ROOT, run_demo
+from app.lbtest import free_port_block
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+# A row of the example table: | query | 0.77 `file.png`: caption<br>0.76 `other.png`: caption |
+RESULT = re.compile(r"(\d\.\d\d) `([^`]+)`")
+# The text tower's embeddings differ by ~1e-4 from one CPU to another: scores as printed (two
+# decimals) may then round the other way, and results whose scores differ by less than that may
+# swap places (the README's top 3 for "a piece of fruit" are within 0.003 of each other).
+SCORE_SLACK = 0.011
+
+
+def example_table(text: str) -> dict[str, list[tuple[float, str]]]:
+    """query -> [(score, file)] of every example-table row in `text`."""
+    rows: dict[str, list[tuple[float, str]]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] in EXAMPLE_QUERIES:
+            rows[cells[0]] = [(float(score), name) for score, name in RESULT.findall(cells[1])]
+    return rows
+
+
+@pytest.mark.slow
+def test_demo_answers_the_readme_example_queries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole demo, as `make demo` runs it without a terminal, in its Markdown form: the README's
+    example table is this output."""
+    assert STAMPS_ROOT.is_dir(), "the stamps gallery is missing: run `make install` (Debian tuxpaint-stamps-default)"
+    run_demo("default", STAMPS_ROOT, tmp_path / "index", "127.0.0.1", free_port_block(1), EXAMPLE_QUERIES, k=3,
+             markdown=True, serve=False)
+    printed = example_table(capsys.readouterr().out)
+    stated = example_table(README.read_text())
+    assert set(printed) == set(EXAMPLE_QUERIES) and set(stated) == set(EXAMPLE_QUERIES)
+    for query in EXAMPLE_QUERIES:
+        assert len(printed[query]) == 3
+        assert sorted(n for _, n in printed[query]) == sorted(n for _, n in stated[query]), (query, printed[query])
+        for score, name in stated[query]:
+            assert abs(score - dict((n, s) for s, n in printed[query])[name]) <= SCORE_SLACK, (query, name)
+
+
+def test_demo_prints_the_curl_commands_it_ran(shapes_folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The terminal form: the index summary, each query as a curl command a user can paste with
+    its ranked answers, and an image -> text example; a second run reuses the index."""
+    port = free_port_block(1)
+    args = ("default", shapes_folder, tmp_path / "index", "127.0.0.1", port, ["a red circle"])
+    assert run_demo(*args, k=2, markdown=False, serve=False) == 0
+    first = capsys.readouterr().out
+    assert "check      inputs == indexed + duplicates + rejected" in first
+    commands = [line[2:] for line in first.splitlines() if line.startswith("$ curl")]
+    assert len(commands) == 2, first
+    search = shlex.split(commands[0])
+    assert search[:3] == ["curl", "-s", f"http://127.0.0.1:{port}/v1/search/text"]
+    assert search[-2:] == ["-d", '{"query": "a red circle", "k": 2}']
+    answers = re.findall(r"^  ([12])\. (\d\.\d{3})  (\S+)  \((.*)\)$", first, re.MULTILINE)
+    assert [a[0] for a in answers[:2]] == ["1", "2"] and float(answers[0][1]) >= float(answers[1][1])
+    assert all((shapes_folder / source).is_file() and re.fullmatch(r"a \w+ \w+", caption)
+               for _, _, source, caption in answers[:2]), answers
+    assert "image -> text: captions nearest to the image of item 0" in first
+    assert re.search(r"^  1\. \d\.\d{3}  a (red|green|blue|yellow) (circle|square)$", first, re.MULTILINE)
+
+    assert run_demo(*args, k=2, markdown=False, serve=False) == 0
+    second = capsys.readouterr().out
+    images = len(list(shapes_folder.rglob("*.png")))
+    assert f"(embedded {images}, reused 0)" in first
+    assert f"(embedded 0, reused {images})" in second and "nothing changed" in second
