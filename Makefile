@@ -44,7 +44,7 @@ lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check models app indexer tests
 	$(VENV)/bin/mypy models app indexer
 
-model: install ## retrain the embedded default model from scratch (62-93 min measured on 2 cores; [PRECISION=bf16] [EPOCHS=n] [DEVICE=cuda])
+model: install ## retrain the embedded default model from scratch (47-93 min measured on 2 cores; [PRECISION=bf16] [EPOCHS=n] [DEVICE=cuda])
 	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(DEVICE),--device $(DEVICE))
 
 train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch]
