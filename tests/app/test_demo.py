@@ -56,6 +56,8 @@ def test_demo_prints_the_curl_commands_it_ran(shapes_folder: Path, tmp_path: Pat
     args = ("default", shapes_folder, tmp_path / "index", "127.0.0.1", port, ["a red circle"])
     assert run_demo(*args, k=2, markdown=False, serve=False) == 0
     first = capsys.readouterr().out
+    images = len(list(shapes_folder.rglob("*.png")))
+    assert f"(embedded {images}, reused 0)" in first
     assert "check      inputs == indexed + duplicates + rejected" in first
     commands = [line[2:] for line in first.splitlines() if line.startswith("$ curl")]
     assert len(commands) == 2, first
@@ -71,6 +73,4 @@ def test_demo_prints_the_curl_commands_it_ran(shapes_folder: Path, tmp_path: Pat
 
     assert run_demo(*args, k=2, markdown=False, serve=False) == 0
     second = capsys.readouterr().out
-    images = len(list(shapes_folder.rglob("*.png")))
-    assert f"(embedded {images}, reused 0)" in first
     assert f"(embedded 0, reused {images})" in second and "nothing changed" in second
