@@ -76,6 +76,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     semantic = {} if args.semantic_temperature is None else {"semantic_temperature": args.semantic_temperature}
     if semantic and not args.semantic_smoothing:  # the same: recorded, yet changing nothing
         raise ValueError("--semantic-temperature needs --semantic-smoothing W")
+    bank_weight = {} if args.caption_bank_weight is None else {"caption_bank_weight": args.caption_bank_weight}
+    if bank_weight and not args.lock_text:  # the caption-bank loss needs a frozen text tower's captions
+        raise ValueError("--caption-bank-weight needs --lock-text: only a locked text tower has the caption-bank loss")
     if args.image_bank and not args.caption_bank:  # refused before minutes of training, not after
         raise ValueError("--image-bank needs --caption-bank: the caption bank's rows are its keys")
     return TrainConfig(
@@ -90,6 +93,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         random_erasing=args.random_erasing,
         semantic_smoothing=args.semantic_smoothing,
         **semantic,
+        **bank_weight,
         teacher=args.teacher,
         **distill,
         lock_text=args.lock_text,
@@ -258,6 +262,9 @@ def _add_train_command(subparsers: Any) -> None:
                        help="blend image pairs by lambda ~ Beta(ALPHA, ALPHA), and their targets alike (0: off)")
     train.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
                        help="with probability P fill one random rectangle of each training image with noise (0: off)")
+    train.add_argument("--caption-bank-weight", type=float, default=None, metavar="W",
+                       help="with --lock-text: the caption-bank loss's share of the loss, the in-batch InfoNCE's "
+                       "1 - W (default 0.5)")
     train.add_argument("--semantic-smoothing", type=float, default=0.0, metavar="W",
                        help="with --lock-text: move this share of each image's caption-bank target onto its captions' "
                        "text neighbours (0: off)")
@@ -351,7 +358,8 @@ def _add_model_command(subparsers: Any) -> None:
                        help="an experiment: change one setting of the recipe in both cycles (lr_scale, "
                        "a factor on each cycle's peak learning rate; weight_decay, label_smoothing, mixup_alpha, "
                        "random_erasing, crop_scale_min (the random crops' smallest share of the area), grad_clip, warmup_steps, "
-                       "batch_size, semantic_smoothing, semantic_temperature; "
+                       "batch_size, semantic_smoothing, semantic_temperature, caption_bank_weight (the caption-bank loss's "
+                       "share, 0.5); "
                        "teacher=MODEL_DIR to distil a trained model into the run, with distill_weight and "
                        "distill_temperature; seed=N, another seed for the initial weights and the run's randomness "
                        "on the same split); repeatable; with --inner-split or --no-export only")

@@ -82,6 +82,9 @@ class TrainConfig:
     # With a locked text tower, also contrast each image against every training caption, not
     # only the batch's (text features are precomputed once, so this costs one matmul).
     caption_bank_loss: bool = True
+    # The caption-bank loss's share of the loss; the in-batch InfoNCE takes the rest. 0.5 (the
+    # default recipe's): the two halves weigh alike.
+    caption_bank_weight: float = 0.5
     label_smoothing: float = 0.0
     # mixup: blend each batch's images pairwise by lambda ~ Beta(alpha, alpha) and their targets
     # alike; 0 disables (the default recipe's setting)

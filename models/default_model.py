@@ -121,7 +121,7 @@ def default_train_config(
 RECIPE_CHANGES: dict[str, type] = {
     "lr_scale": float, "weight_decay": float, "label_smoothing": float, "mixup_alpha": float,
     "random_erasing": float, "crop_scale_min": float, "grad_clip": float, "warmup_steps": int, "batch_size": int,
-    "semantic_smoothing": float, "semantic_temperature": float,
+    "semantic_smoothing": float, "semantic_temperature": float, "caption_bank_weight": float,
     "teacher": Path, "distill_weight": float, "distill_temperature": float, "seed": int,
 }
 

@@ -143,6 +143,8 @@ class Trainer:
         self.eval_preprocess = inference_transform(self.preprocess_config)
         self.teacher = self._load_teacher()  # also before the decoding: a teacher that cannot teach fails at once
         self._check_semantic_smoothing()
+        if not 0.0 <= config.caption_bank_weight <= 1.0:
+            raise ValueError(f"caption_bank_weight must lie in [0, 1], got {config.caption_bank_weight}")
         # built before the decoding too, so that settings it refuses fail at once
         transform = train_transform(self.preprocess_config, config.augment, config.random_erasing)
         pairs, cache, self.skipped = self._decode(pair_set)
@@ -340,7 +342,9 @@ class Trainer:
         logit_scale = self.model.logit_scale
         loss = clip_loss(image_features, text_features, logit_scale, self.config.label_smoothing, caption_ids)
         if bank_targets is not None and self.bank is not None:
-            loss = 0.5 * (loss + caption_bank_loss(image_features, self.bank, bank_targets, logit_scale))
+            weight = self.config.caption_bank_weight
+            loss = (1.0 - weight) * loss + weight * caption_bank_loss(image_features, self.bank, bank_targets,
+                                                                      logit_scale)
         return loss
 
     def _step(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> float:

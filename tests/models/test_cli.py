@@ -288,3 +288,19 @@ def test_model_image_bank_builds_the_bank_and_trains_nothing(tmp_path: Path, mon
     assert attached == [(tmp_path / "m", Path("pack"), 1, "cpu")]
     out = json.loads(capsys.readouterr().out)
     assert out == {"model_dir": str(tmp_path / "m"), "image_bank": "attached", "skipped": {"bad_image:truncated": 1}}
+
+
+def test_train_weighs_the_caption_bank_loss_on_request(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ..conftest import make_shapes_folder
+
+    data = make_shapes_folder(tmp_path / "data", per_class=4)
+    common = [str(data), "--model", TINY, "--batch-size", "16", "--val-fraction", "0.25", "--warmup-steps", "1",
+              "--device", "cpu", "--quiet", "--epochs", "1", "--caption-bank-weight", "0.75"]
+    assert main(["train", *common, "--out", str(tmp_path / "unlocked")]) == 2
+    assert "--caption-bank-weight needs --lock-text" in caplog.text and "Traceback" not in caplog.text
+    assert main(["train", *common, "--out", str(tmp_path / "out-of-range"), "--lock-text",
+                 "--caption-bank-weight", "2"]) == 2
+    assert "caption_bank_weight must lie in [0, 1], got 2.0" in caplog.text
+    assert main(["train", *common, "--out", str(tmp_path / "weighted"), "--lock-text"]) == 0
+    config = json.loads((tmp_path / "weighted" / "metrics.json").read_text())["config"]
+    assert config["caption_bank_weight"] == 0.75

@@ -340,6 +340,7 @@ def test_recipe_changes_are_checked_and_typed() -> None:
     assert recipe.checked_changes({"random_erasing": "0.25"}) == {"random_erasing": 0.25}
     assert recipe.checked_changes({"lr_scale": "0.5"}) == {"lr_scale": 0.5}
     assert recipe.checked_changes({"seed": "3"}) == {"seed": 3}
+    assert recipe.checked_changes({"caption_bank_weight": "0.75"}) == {"caption_bank_weight": 0.75}
     with pytest.raises(ValueError, match="lr_scale must be positive, got 0.0"):
         recipe.checked_changes({"lr_scale": "0"})
     assert recipe.checked_changes({"crop_scale_min": "0.8"}) == {"crop_scale_min": 0.8}

@@ -1,0 +1,65 @@
+"""The caption-bank loss's share of the trainer's loss: the weighted sum against the two losses
+computed apart, the recipe's 0.5 bit for bit its old form, shares outside [0, 1] refused, a
+weighted run that resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import train as train_module
+from models.loss import caption_bank_loss, clip_loss
+
+from .test_train import _config, _trainer, assert_resumes_to_the_same_weights
+
+
+def _batch(trainer, dim: int = 8):
+    """A bank of 6 captions, 4 images whose rows 2 and 3 share a caption, their one-hot bank targets."""
+    torch.manual_seed(0)
+    trainer.bank = F.normalize(torch.randn(6, dim), dim=-1)
+    images = F.normalize(torch.randn(4, dim), dim=-1)
+    ids = torch.tensor([0, 1, 2, 2])
+    return images, trainer.bank[ids], ids, F.one_hot(ids, 6).float()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25, 0.75, 1.0])
+def test_the_bank_loss_takes_its_share_and_the_in_batch_loss_the_rest(shapes_folder: Path, tmp_path: Path,
+                                                                      weight: float) -> None:
+    trainer = _trainer(shapes_folder, _config(tmp_path / "run", lock_text=True, caption_bank_weight=weight))
+    images, texts, ids, targets = _batch(trainer)
+    scale = trainer.model.logit_scale
+    in_batch = clip_loss(images, texts, scale, 0.0, ids)
+    bank = caption_bank_loss(images, trainer.bank, targets, scale)
+    assert not torch.isclose(in_batch, bank)  # else any share would pass
+    got = trainer._contrast(images, texts, ids, targets)
+    torch.testing.assert_close(got, (1.0 - weight) * in_batch + weight * bank)
+
+
+def test_the_recipes_even_share_is_the_old_mean_bit_for_bit(shapes_folder: Path, tmp_path: Path) -> None:
+    """The committed model was trained with 0.5 * (in-batch + bank): the weighted form must not change it."""
+    trainer = _trainer(shapes_folder, _config(tmp_path / "run", lock_text=True))
+    assert trainer.config.caption_bank_weight == 0.5
+    images, texts, ids, targets = _batch(trainer)
+    scale = trainer.model.logit_scale
+    old = 0.5 * (clip_loss(images, texts, scale, 0.0, ids) + caption_bank_loss(images, trainer.bank, targets, scale))
+    assert torch.equal(trainer._contrast(images, texts, ids, targets), old)
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_a_share_outside_zero_to_one_is_refused_before_the_images_are_decoded(
+    shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight: float
+) -> None:
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded images before refusing the setting")
+
+    monkeypatch.setattr(train_module, "decode_pairs", no_decoding)
+    with pytest.raises(ValueError, match=r"caption_bank_weight must lie in \[0, 1\]"):
+        _trainer(shapes_folder, _config(tmp_path / "run", lock_text=True, caption_bank_weight=weight))
+
+
+def test_a_weighted_run_resumes_to_the_same_weights(shapes_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_resumes_to_the_same_weights(shapes_folder, tmp_path, monkeypatch, "caption_bank_weight", 0.75, 0.5)
