@@ -338,14 +338,18 @@ class Trainer:
     def _contrast(self, image_features: torch.Tensor, text_features: torch.Tensor, caption_ids: torch.Tensor,
                   bank_targets: torch.Tensor | None) -> torch.Tensor:
         """Row i of the images against row i of the texts, and with `bank_targets` against every
-        training caption too."""
+        training caption too. A loss whose share is 0 is not computed at all."""
         logit_scale = self.model.logit_scale
+        weight = self.config.caption_bank_weight
+        if bank_targets is None or self.bank is None or weight == 0.0:
+            return clip_loss(image_features, text_features, logit_scale, self.config.label_smoothing, caption_ids)
+        if weight == 1.0:
+            return caption_bank_loss(image_features, self.bank, bank_targets, logit_scale)
+        # in-batch first, then the bank: the order the committed model's graph was built in, so
+        # that gradients accumulate in the same order and a run repeats it bit for bit
         loss = clip_loss(image_features, text_features, logit_scale, self.config.label_smoothing, caption_ids)
-        if bank_targets is not None and self.bank is not None:
-            weight = self.config.caption_bank_weight
-            loss = (1.0 - weight) * loss + weight * caption_bank_loss(image_features, self.bank, bank_targets,
-                                                                      logit_scale)
-        return loss
+        return (1.0 - weight) * loss + weight * caption_bank_loss(image_features, self.bank, bank_targets,
+                                                                  logit_scale)
 
     def _step(self, images: torch.Tensor, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """The caption-bank loss's share of the trainer's loss: the weighted sum against the two losses
-computed apart, the recipe's 0.5 bit for bit its old form, shares outside [0, 1] refused, a
-weighted run that resumes."""
+computed apart, a loss with no share not computed, the recipe's 0.5 bit for bit its old form, shares
+outside [0, 1] refused, a weighted run that resumes."""
 
 from __future__ import annotations
 
@@ -36,6 +36,25 @@ def test_the_bank_loss_takes_its_share_and_the_in_batch_loss_the_rest(shapes_fol
     assert not torch.isclose(in_batch, bank)  # else any share would pass
     got = trainer._contrast(images, texts, ids, targets)
     torch.testing.assert_close(got, (1.0 - weight) * in_batch + weight * bank)
+
+
+@pytest.mark.parametrize(("weight", "skipped"), [(1.0, "clip_loss"), (0.0, "caption_bank_loss")])
+def test_a_loss_whose_share_is_zero_is_not_computed(shapes_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, weight: float,
+                                                    skipped: str) -> None:
+    """Weight 1.0 is the bank loss alone, 0.0 the in-batch loss alone, each without the other's
+    work (and without a 0 * NaN that would poison the sum)."""
+    trainer = _trainer(shapes_folder, _config(tmp_path / "run", lock_text=True, caption_bank_weight=weight))
+    images, texts, ids, targets = _batch(trainer)
+    scale = trainer.model.logit_scale
+    expected = (caption_bank_loss(images, trainer.bank, targets, scale) if weight == 1.0
+                else clip_loss(images, texts, scale, 0.0, ids))
+
+    def not_needed(*args, **kwargs):
+        raise AssertionError(f"{skipped} computed with a share of 0")
+
+    monkeypatch.setattr(train_module, skipped, not_needed)
+    assert torch.equal(trainer._contrast(images, texts, ids, targets), expected)
 
 
 def test_the_recipes_even_share_is_the_old_mean_bit_for_bit(shapes_folder: Path, tmp_path: Path) -> None:
