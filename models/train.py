@@ -316,8 +316,10 @@ class Trainer:
             captions = [self.train_examples.captions[i] for i in caption_ids.tolist()]
             tokens = self.tokenizer(captions).to(self.device)
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        # with no share in the loss (caption_bank_weight 0) the bank targets are not built either
+        wanted = self.config.caption_bank_loss and self.config.caption_bank_weight > 0.0
         bank_targets = (soft_targets(self.train_examples, image_ids, self.device)
-                         if self.bank is not None and self.config.caption_bank_loss else None)  # (B, N)
+                        if self.bank is not None and wanted else None)  # (B, N)
         if bank_targets is not None and self.bank is not None and self.config.semantic_smoothing > 0:
             bank_targets = semantic_smoothing(bank_targets, self.bank, self.config.semantic_smoothing,
                                               self.config.semantic_temperature)

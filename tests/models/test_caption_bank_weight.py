@@ -1,5 +1,5 @@
 """The caption-bank loss's share of the trainer's loss: the weighted sum against the two losses
-computed apart, a loss with no share not computed, the recipe's 0.5 bit for bit its old form, shares
+computed apart, a loss with no share not computed (nor, for the bank loss, its targets built), the recipe's 0.5 bit for bit its old form, shares
 outside [0, 1] refused, a weighted run that resumes."""
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from models import train as train_module
 from models.loss import caption_bank_loss, clip_loss
 
-from .test_train import _config, _trainer, assert_resumes_to_the_same_weights
+from .test_train import (
+    _config,
+    _convolutional_trainer_and_batch,
+    _trainer,
+    assert_resumes_to_the_same_weights,
+)
 
 
 def _batch(trainer, dim: int = 8):
@@ -55,6 +60,31 @@ def test_a_loss_whose_share_is_zero_is_not_computed(shapes_folder: Path, tmp_pat
 
     monkeypatch.setattr(train_module, skipped, not_needed)
     assert torch.equal(trainer._contrast(images, texts, ids, targets), expected)
+
+
+@pytest.mark.parametrize(("weight", "builds"), [(0.0, 0), (0.5, 1)])
+def test_bank_targets_are_built_only_when_the_bank_loss_has_a_share(shapes_folder: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, weight: float,
+                                                                   builds: int) -> None:
+    """A whole batch through `_loss`: with weight 0 the (batch, captions) bank targets are never
+    built and the loss is the in-batch loss alone; with 0.5 they are built once."""
+    trainer, (images, image_ids, caption_ids) = _convolutional_trainer_and_batch(
+        shapes_folder, tmp_path, caption_bank_weight=weight)
+    built = []
+    real = train_module.soft_targets
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "soft_targets", counted)
+    trainer.model.eval()  # no dropout: the reference below sees the same features
+    got = trainer._loss(images, image_ids, caption_ids)
+    assert len(built) == builds
+    if weight == 0.0:
+        features = F.normalize(trainer.model.encode_image(images).float(), dim=-1)
+        expected = clip_loss(features, trainer.bank[caption_ids], trainer.model.logit_scale, 0.0, caption_ids)
+        torch.testing.assert_close(got, expected)
 
 
 def test_the_recipes_even_share_is_the_old_mean_bit_for_bit(shapes_folder: Path, tmp_path: Path) -> None:
