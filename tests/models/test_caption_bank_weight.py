@@ -1,6 +1,6 @@
 """The caption-bank loss's share of the trainer's loss: the weighted sum against the two losses
-computed apart, a loss with no share not computed (nor, for the bank loss, its targets built), the recipe's 0.5 bit for bit its old form, shares
-outside [0, 1] refused, a weighted run that resumes."""
+computed apart, a loss with no share not computed (nor, for the bank loss, its targets built), the
+recipe's 0.5 bit for bit its old form, shares outside [0, 1] refused, a weighted run that resumes."""
 
 from __future__ import annotations
 
