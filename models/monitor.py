@@ -49,6 +49,12 @@ def evaluate_pairs(
 
     With a `caption_bank`, the recalls of the image embeddings it mixes are added under keys
     prefixed `caption_bank_`; the unprefixed ones stay those of the image tower alone.
+    When some image has more than one caption, the recalls with one caption per image (its first
+    in the manifest) are added too, under `first_caption_` (after `caption_bank_` for the bank's):
+    what `clipsearch eval` reports on a manifest of those rows (image -> text without an image bank,
+    which is built after training). A caption shared by many images
+    ("a bird") is a query that cannot find its own image among them, so the figures over every
+    caption can rank runs otherwise than the one-description score does.
     `caption_features`: the `examples.captions` already embedded (a locked text tower), else
     they are embedded here.
     """
@@ -69,11 +75,28 @@ def evaluate_pairs(
         if caption_features is not None
         else embed_captions(model, tokenizer, examples.captions, device).cpu().numpy()
     )
+    searched = {"": image_features.cpu().numpy()}
+    if caption_bank is not None:
+        searched["caption_bank_"] = caption_bank.project(image_features).cpu().numpy()
+    query_sets = {"": _pair_queries(examples)}
+    if len(examples.pairs) > len(examples.images):
+        query_sets["first_caption_"] = _first_caption_queries(examples)
+    recall: dict[str, float] = {}
+    for bank_prefix, images in searched.items():
+        for query_prefix, (caption_ids, owners) in query_sets.items():
+            scores = retrieval_recall(images, text_features[caption_ids], owners)
+            recall.update({f"{bank_prefix}{query_prefix}{k}": v for k, v in scores.items()})
+    return recall
+
+
+def _pair_queries(examples: Examples) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair as a query: (caption index, image index) arrays, one row per pair."""
     caption_ids = np.array([c for _, c in examples.pairs], dtype=np.int64)
     owners = np.array([i for i, _ in examples.pairs], dtype=np.int64)
-    recall = retrieval_recall(image_features.cpu().numpy(), text_features[caption_ids], owners)
-    if caption_bank is not None:
-        mixed = caption_bank.project(image_features).cpu().numpy()
-        recall.update({f"caption_bank_{k}": v for k, v in retrieval_recall(mixed, text_features[caption_ids],
-                                                                           owners).items()})
-    return recall
+    return caption_ids, owners
+
+
+def _first_caption_queries(examples: Examples) -> tuple[np.ndarray, np.ndarray]:
+    """One query per image, its first caption in manifest order: (caption index, image index)."""
+    caption_ids = np.array([captions[0] for captions in examples.captions_of], dtype=np.int64)
+    return caption_ids, np.arange(len(examples.images), dtype=np.int64)
