@@ -116,3 +116,27 @@ class TrainConfig:
     precision: str = "auto"
     max_steps: int | None = None  # stop early (tests, smoke runs)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse settings no run can use, before any image is decoded: a zero batch or
+        checkpoint interval ended in a ZeroDivisionError, a negative warmup or mixup passed unseen."""
+        at_least_one = {"epochs": self.epochs, "batch_size": self.batch_size,
+                        "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints}
+        if self.max_steps is not None:
+            at_least_one["max_steps"] = self.max_steps
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, number in {"warmup_steps": self.warmup_steps, "num_workers": self.num_workers,
+                             "weight_decay": self.weight_decay, "mixup_alpha": self.mixup_alpha}.items():
+            if number < 0:
+                raise ValueError(f"{name} must not be negative, got {number}")
+        for name, number in {"lr": self.lr, "grad_clip": self.grad_clip}.items():
+            if not number > 0:
+                raise ValueError(f"{name} must be positive, got {number}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction (the held-out share of images) must lie in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.caption_bank_weight <= 1.0:
+            raise ValueError(f"caption_bank_weight must lie in [0, 1], got {self.caption_bank_weight}")

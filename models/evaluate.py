@@ -41,7 +41,10 @@ class EvalReport:
 
 
 def held_out_only(pair_set: PairSet, fraction: float, seed: int = 0) -> PairSet:
-    """The pairs the trainer holds out with the same `fraction` and `seed`."""
+    """The pairs the trainer holds out with the same `fraction` and `seed`. Raises ValueError for a
+    fraction outside (0, 1): the trainer holds out nothing at 0 and trains on nothing at 1."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must lie in (0, 1), got {fraction}")
     kept = [p for p in pair_set.pairs if is_held_out(pair_split_key(p, pair_set.root), fraction, seed)]
     return PairSet(kept, pair_set.root, Counter(pair_set.skipped))
 

@@ -143,13 +143,14 @@ class Trainer:
         self.eval_preprocess = inference_transform(self.preprocess_config)
         self.teacher = self._load_teacher()  # also before the decoding: a teacher that cannot teach fails at once
         self._check_semantic_smoothing()
-        if not 0.0 <= config.caption_bank_weight <= 1.0:
-            raise ValueError(f"caption_bank_weight must lie in [0, 1], got {config.caption_bank_weight}")
         # built before the decoding too, so that settings it refuses fail at once
         transform = train_transform(self.preprocess_config, config.augment, config.random_erasing)
         pairs, cache, self.skipped = self._decode(pair_set)
         train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction,
                                               held_out_seed(config))
+        if not train_pairs:
+            raise ValueError(f"no pairs left to train on: val_fraction {config.val_fraction} held out all "
+                             f"{len(held_pairs)} usable pairs; lower it")
         self.train_examples = Examples.from_pairs(train_pairs)
         self.held_examples = Examples.from_pairs(held_pairs)
         self.train_cache = [cache[p] for p in self.train_examples.images]

@@ -51,6 +51,26 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapture
     assert "no such file or folder" in caplog.text
 
 
+@pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2"])
+def test_eval_refuses_a_held_out_fraction_no_run_can_have(shapes_folder: Path, fraction: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """1.5 scored every pair as if held out, and 0 said "no usable pairs" of a readable set."""
+    code = main(["eval", str(shapes_folder), "--model", TINY, "--quiet", "--held-out", fraction])
+    assert code == 2
+    assert f"the held-out fraction must lie in (0, 1), got {float(fraction)}" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_train_refuses_a_zero_batch_with_a_message(shapes_folder: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """It ended in a ZeroDivisionError traceback."""
+    code = main(["train", str(shapes_folder), "--out", str(tmp_path / "run"), "--model", TINY, "--quiet",
+                 "--device", "cpu", "--batch-size", "0"])
+    assert code == 2
+    assert "batch_size must be at least 1, got 0" in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_data_only_builds_the_data_and_trains_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
     """`clipsearch model --data-only` is how a fresh clone gets the held-out set to score the
     committed model on, in seconds: it must build the data and never start training."""

@@ -500,3 +500,29 @@ def test_bf16_step_on_the_cpu_tracks_the_float32_step(shapes_folder: Path, tmp_p
     plain = torch.cat([fp32[n].flatten() for n in fp32])
     difference = float((fast - plain).norm() / plain.norm())
     assert difference < 0.2, difference  # seen: 0.078 (cosine 0.997)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"epochs": 0}, "epochs must be at least 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be at least 1, got 0"),
+    ({"max_steps": 0}, "max_steps must be at least 1, got 0"),
+    ({"warmup_steps": -5}, "warmup_steps must not be negative, got -5"),
+    ({"mixup_alpha": -1.0}, "mixup_alpha must not be negative, got -1.0"),
+    ({"lr": 0.0}, "lr must be positive, got 0.0"),
+    ({"grad_clip": -1.0}, "grad_clip must be positive, got -1.0"),
+    ({"val_fraction": 1.0}, r"val_fraction \(the held-out share of images\) must lie in \[0, 1\), got 1.0"),
+    ({"val_fraction": -0.2}, r"must lie in \[0, 1\), got -0.2"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must lie in \[0, 1\), got 1.0"),
+])
+def test_settings_no_run_can_use_are_refused_when_the_config_is_built(tmp_path: Path, setting, message) -> None:
+    """A zero batch or checkpoint interval, or a held-out share of 1, ended in a ZeroDivisionError
+    traceback; a negative warmup or mixup passed unseen. Now each names its setting."""
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path / "run", **setting)
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_a_clear_error(tmp_path: Path) -> None:
+    data = make_shapes_folder(tmp_path / "data", per_class=1)  # 8 images: 0.99 holds out every one
+    with pytest.raises(ValueError, match=r"no pairs left to train on: val_fraction 0.99 held out all 8 usable"):
+        _trainer(data, _config(tmp_path / "run", val_fraction=0.99))
