@@ -20,9 +20,9 @@ def _index(args: argparse.Namespace) -> int:
 
     source = open_source(args.data, args.image_column, args.caption_column)
     ensure_not_busy(args.out)
-    encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size)
-    logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.device,
-                len(source.records), source.root)
+    # the settings first: one no run can use fails before the model loads
+    if not args.memory_budget_gb > 0:  # said here in the unit the user gave, not in bytes
+        raise ValueError(f"--memory-budget-gb must be positive, got {args.memory_budget_gb}")
     config = IndexConfig(
         out_dir=args.out,
         batch_size=args.batch_size,
@@ -39,9 +39,12 @@ def _index(args: argparse.Namespace) -> int:
                        actors=args.ray_actors, batch_size=args.batch_size, device=args.device)
         if args.backend == "ray" else None,
     )
+    encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size)
+    logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.device,
+                len(source.records), source.root)
     summary = run_index(source, encoder, config)
     print(summary.render())
-    return 0 if summary.balanced else 1
+    return 0 if summary.balanced and not summary.all_rejected else 1
 
 
 def add_command(subparsers: Any) -> None:

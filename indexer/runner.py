@@ -3,7 +3,8 @@
 Incremental: vectors of files whose content hash the published index already holds are reused, so
 a re-run embeds only new or changed files, and deleted files simply drop out. Resumable: complete
 shards of an interrupted run are kept (see `indexer.writer`). Accounted: every input record ends
-as exactly one of indexed (embedded or reused), duplicate, rejected (by reason) or text-only.
+as exactly one of indexed (embedded or reused), duplicate, rejected (by reason) or text-only. A
+run whose every input is rejected publishes nothing and leaves the served index as it was.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from models.images import ImageLimits
 
 logger = logging.getLogger(__name__)
 
+SHOWN_REJECTS = 20  # files named in the log when a run publishes nothing
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -46,6 +49,18 @@ class IndexConfig:
     progress: bool = True
     backend: str = "local"  # "local" | "ray"
     ray: RayOptions | None = None  # with backend "ray": where, and which model the workers load
+
+    def __post_init__(self) -> None:
+        """Refuse settings no run can use before the model loads (a batch size of 0 failed deep in
+        the embedder; 0 workers or shards of 0 records passed unseen)."""
+        for name, value in (("batch_size", self.batch_size), ("workers", self.workers),
+                            ("shard_size", self.shard_size), ("memory_budget_bytes", self.memory_budget_bytes)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        if self.ray is not None and self.ray.actors < 1:
+            raise ValueError(f"ray actors must be at least 1, got {self.ray.actors}")
 
 
 @dataclass
@@ -65,6 +80,12 @@ class Summary:
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
+
+    @property
+    def all_rejected(self) -> bool:
+        """Every input was rejected: nothing to index, so nothing is published (a limit or a
+        source gone wrong must not replace a served index with an empty one)."""
+        return self.inputs > 0 and self.rejected_total == self.inputs
 
     @property
     def balanced(self) -> bool:
@@ -93,7 +114,12 @@ class Summary:
                      (" + texts" if self.texts_only else ""))
         lines.append(f"time       {self.seconds:.1f} s in all; embedding {self.embedded} images took "
                      f"{self.embed_seconds:.1f} s ({rate:.1f} images/s)")
-        lines.append("published  " + (self.published or "nothing changed: the published index is up to date"))
+        if self.all_rejected:
+            outcome = (f"nothing: every one of the {self.inputs} inputs was rejected (see the reasons above); "
+                       "the published index, if any, is untouched")
+        else:
+            outcome = self.published or "nothing changed: the published index is up to date"
+        lines.append("published  " + outcome)
         return "\n".join(lines)
 
 
@@ -114,6 +140,7 @@ def _run_key(source: Source, encoder: Any, config: IndexConfig, previous: artifa
     """What must be equal for shards of an earlier run to be reused."""
     return {"source": str(source.root), "kind": source.kind, "model": encoder.fingerprint.as_dict(),
             "shard_size": config.shard_size, "max_pixels": config.limits.max_pixels,
+            "max_bytes": config.limits.max_bytes,
             "previous": previous.version if previous else None}
 
 
@@ -225,6 +252,17 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     metadata, vector_rows, texts, rejects = _tables(rows)
     summary = _summarise(rows, started)
     summary.embed_seconds = time.time() - embed_started
+    if summary.all_rejected:
+        rejected = ", ".join(f"{reason}: {n}" for reason, n in summary.rejected.most_common())
+        logger.error("every one of the %d inputs was rejected (%s): nothing published", summary.inputs, rejected)
+        # no version holds a rejects.jsonl this time, so the files are named here
+        for reject in rejects[:SHOWN_REJECTS]:
+            logger.error("rejected %s: %s (%s)", reject["source"], reject["reason"], reject["message"])
+        if len(rejects) > SHOWN_REJECTS:
+            logger.error("... and %d more", len(rejects) - SHOWN_REJECTS)
+        artifacts.remove_dir(work_dir)
+        summary.seconds = time.time() - started
+        return summary
     if _unchanged(previous_index, metadata, texts, rejects):
         artifacts.remove_dir(work_dir)
         summary.unchanged = True

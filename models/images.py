@@ -42,6 +42,12 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
 
+    def __post_init__(self) -> None:
+        # a bound below 1 rejects every image: a mistake, never a setting
+        for name, value in (("max_pixels", self.max_pixels), ("max_bytes", self.max_bytes)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}: it would reject every image")
+
 
 def _open(fp: BinaryIO, limits: ImageLimits) -> Image.Image:
     try:

@@ -22,6 +22,7 @@ from indexer.artifacts import InvalidIndex, load_index
 from indexer.reader import open_source
 from indexer.runner import IndexConfig, run_index
 from models import FingerprintMismatch, load_encoder
+from models.images import ImageLimits
 
 from .conftest import make_messy_folder
 
@@ -422,3 +423,68 @@ def test_parquet_manifest(tmp_path: Path, encoder) -> None:
     index = load_index(tmp_path / "index")
     assert [m["caption"] for m in index.metadata] == ["x", "y", "z"]
     assert index.metadata[2]["extra"] == {"year": 2003}
+
+
+def test_a_run_that_rejects_every_input_publishes_nothing(tmp_path: Path, tiny_model_dir: Path, encoder,
+                                                          caplog) -> None:
+    """A source of broken files only (or a limit gone wrong) published an empty version, which a
+    server then hot-swapped in. Now the served index stays, the files are named, the exit code is 1."""
+    from app.cli import main
+
+    make_messy_folder(tmp_path / "data", good=6, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    before = load_index(tmp_path / "index")
+    bad = make_messy_folder(tmp_path / "broken", good=0, bad=5)
+    summary = _index(tmp_path / "broken", tmp_path / "index", encoder)
+    assert summary.all_rejected and summary.balanced and summary.published is None
+    assert summary.rejected_total == summary.inputs == 5
+    assert "nothing: every one of the 5 inputs was rejected" in summary.render()
+    after = load_index(tmp_path / "index")
+    assert after.version == before.version and len(after.metadata) == 6
+    np.testing.assert_array_equal(after.embeddings, before.embeddings)
+    assert not (tmp_path / "index" / "work").exists()
+    for source in bad:
+        assert f"rejected {source}: " in caplog.text
+    caplog.clear()
+    assert main(["index", str(tmp_path / "broken"), "--out", str(tmp_path / "index"), "--quiet",
+                 "--model", str(tiny_model_dir), "--device", "cpu"]) == 1
+    assert "every one of the 5 inputs was rejected" in caplog.text
+    assert load_index(tmp_path / "index").version == before.version
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--workers", "0"], "workers must be at least 1, got 0"),
+    (["--shard-size", "0"], "shard_size must be at least 1, got 0"),
+    (["--memory-budget-gb", "0"], "--memory-budget-gb must be positive, got 0.0"),
+    (["--max-pixels", "0"], "max_pixels must be at least 1, got 0: it would reject every image"),
+    (["--max-bytes", "-5"], "max_bytes must be at least 1, got -5: it would reject every image"),
+    (["--backend", "ray", "--ray-actors", "0"], "ray actors must be at least 1, got 0"),
+])
+def test_settings_no_run_can_use_are_refused_before_the_model_loads(tmp_path: Path, monkeypatch, caplog,
+                                                                     option: list[str], message: str) -> None:
+    """A batch size of 0 failed deep in the embedder ("range() arg 3 must not be zero"); a limit of 0
+    rejected every image; 0 workers or shards of 0 records passed unseen."""
+    import models.encoder
+    from app.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run that had to be refused")
+
+    monkeypatch.setattr(models.encoder, "load_encoder", no_load)
+    make_messy_folder(tmp_path / "data", good=2, bad=0)
+    assert main(["index", str(tmp_path / "data"), "--out", str(tmp_path / "index"), "--quiet", *option]) == 2
+    assert message in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "index" / "current").exists()
+
+
+def test_a_resumed_run_with_another_byte_limit_starts_afresh(tmp_path: Path, encoder) -> None:
+    """The run key held the pixel limit but not the byte limit, so shards written under a smaller
+    byte limit kept their rejects when a run resumed under a larger one."""
+    from indexer.runner import _run_key
+
+    make_messy_folder(tmp_path / "data", good=2, bad=0)
+    source = open_source(tmp_path / "data")
+    keys = [_run_key(source, encoder, IndexConfig(out_dir=tmp_path, limits=ImageLimits(max_bytes=n)), None)
+            for n in (1000, 2000)]
+    assert keys[0] != keys[1]
