@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from app import bench, demo, lbtest, serve
 from indexer import cli as index_cli
 from models import cli as model_cli
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return int(args.handler(args))
+    except ValidationError as exc:  # a ValueError too, but its text is four lines and a URL per field
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"])
+            logging.getLogger("clipsearch").error("invalid setting %s (a flag, or CLIPSEARCH_%s): %s, got %r",
+                                                  name, name.upper(), error["msg"], error.get("input"))
+        return 2
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         logging.getLogger("clipsearch").error("%s", exc)
         return 2

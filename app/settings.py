@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     pretrained: str | None = Field(None, description="pretrained tag or checkpoint file for an open_clip name")
     device: str | None = Field(None, description="cpu, cuda, ... (default: CUDA when present)")
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free one)")
     workers: int = Field(1, ge=1, description="server processes (each loads its own model)")
 
     max_batch_size: int = Field(32, ge=1, description="largest model call the batcher forms")

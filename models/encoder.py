@@ -91,13 +91,21 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> CUDA if available else CPU; a CUDA request without CUDA falls back to the CPU."""
+    """None -> CUDA if available else CPU; a CUDA request without CUDA falls back to the CPU.
+    Raises ValueError for a name torch does not know ("tpu") or a GPU this machine lacks ("cuda:3"
+    on a one-GPU machine), which would otherwise fail at the first model call."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.warning("CUDA was requested but is not available; running on the CPU")
         return torch.device("cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s): cuda:0 is the first")
     return device
 
 

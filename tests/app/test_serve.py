@@ -10,6 +10,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import pytest
+
 from app.errors import NotReady
 from app.serve import StartupErrorInOneLine
 
@@ -62,3 +64,31 @@ def test_serve_with_workers_and_a_missing_model_fails_with_one_clear_line(tmp_pa
     assert done.returncode == 3
     assert f"cannot start: model directory {tmp_path / 'no-model'} not found" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_with_an_unknown_device_exits_with_one_clear_line(tmp_path: Path) -> None:
+    """torch's RuntimeError for "tpu" reached uvicorn as a whole traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--index", str(tmp_path), "--port", "0", "--device", "tpu"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "cannot start: unknown device 'tpu': use cpu, cuda or cuda:N" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--port", "70000"], "invalid setting port (a flag, or CLIPSEARCH_PORT): Input should be less than or equal "
+                          "to 65535, got 70000"),
+    (["--workers", "0"], "invalid setting workers (a flag, or CLIPSEARCH_WORKERS): Input should be greater than "
+                         "or equal to 1, got 0"),
+])
+def test_serve_settings_out_of_range_are_one_line_each(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        flags: list[str], message: str) -> None:
+    """A port past 65535 ended in an OverflowError traceback from the socket; pydantic's own text
+    took four lines and a URL a field."""
+    from app.cli import main
+
+    assert main(["serve", "--index", str(tmp_path), *flags]) == 2
+    assert message in caplog.text
+    assert "errors.pydantic.dev" not in caplog.text and "Traceback" not in caplog.text

@@ -155,3 +155,17 @@ def test_crop_fraction_in_a_model_dir(tiny_encoder, sample_images, tmp_path: Pat
         cropped.fingerprint.ensure_matches(tiny_encoder.fingerprint, "index")
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
     assert model.visual.preprocess_cfg["size"] in (size, (size, size), [size, size])
+
+
+def test_a_device_torch_does_not_know_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown device 'tpu': use cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+
+
+def test_a_gpu_the_machine_lacks_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"cuda:3" on a one-GPU machine failed at the first model call, deep inside torch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="'cuda:3' asked for, but this machine has 1 CUDA device"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
