@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import pickle
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +313,41 @@ def _refuse_paths_that_are_not_model_dirs(name: str, path: Path) -> None:
     raise FileNotFoundError(f"model directory {path} not found")
 
 
+def _create_open_clip(name: str, pretrained: str | None, device: torch.device | str) -> Any:
+    """open_clip's model `name` with `pretrained` weights. A checkpoint file that torch cannot read
+    (weights only: never arbitrary pickles) or that holds another architecture's weights raises
+    ValueError in one line; open_clip's own errors were a traceback or a list of every missing key."""
+    try:
+        with quiet_model_build():
+            return open_clip.create_model(name, pretrained=pretrained, device=device)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a local file is to blame
+        if pretrained is None or not Path(pretrained).is_file():
+            raise
+        raise ValueError(f"{pretrained} cannot be loaded as weights of {name}: {_load_failure(exc)}") from None
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What went wrong loading a checkpoint file, in a line."""
+    text = str(exc)
+    if "Missing key(s)" in text or "Unexpected key(s)" in text:
+        headers = {"missing": "Missing key(s)", "unexpected": "Unexpected key(s)"}
+        counts = {}
+        for kind, header in headers.items():
+            part = text.partition(header)[2]
+            for other in headers.values():  # up to the other list, whichever order torch gives them in
+                part = part.partition(other)[0]
+            counts[kind] = len(re.findall(r'"[^"]+"', part))
+        return (f"{counts['missing']} tensors of the architecture missing from it, {counts['unexpected']} "
+                "in it that the architecture lacks (another architecture's checkpoint?)")
+    if "size mismatch" in text:
+        return "its tensors have other shapes than this architecture's (another model's checkpoint?)"
+    if isinstance(exc, pickle.UnpicklingError):
+        # torch's text goes on to suggest weights_only=False, which would run the file's code: never
+        return "not a file of plain weights (corrupt, or a pickle of more than tensors, which is never loaded)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def create_model(
     model: str | Path = "default",
     pretrained: str | None = None,
@@ -333,8 +370,7 @@ def create_model(
         resolved = registry.resolve_text_tower(model_config)
         if resolved != model_config:  # the text tower's weights come from a local package
             name = registry.register_config(resolved)
-        with quiet_model_build():
-            built = open_clip.create_model(name, pretrained=pretrained, device=device)
+        built = _create_open_clip(name, pretrained, device)
         architecture = str(model) if not pretrained else f"{model}:{Path(pretrained).name}"
         model_config = resolved
     return LoadedModel(

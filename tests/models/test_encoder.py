@@ -87,6 +87,22 @@ def test_architecture_with_local_checkpoint_file(tiny_encoder, sample_images, tm
     assert again.fingerprint.weights_sha256 == tiny_encoder.fingerprint.weights_sha256
 
 
+def test_checkpoint_files_that_do_not_load_say_why_in_one_line(tiny_encoder, tmp_path: Path) -> None:
+    """A corrupt file ended in torch's UnpicklingError traceback (whose advice, weights_only=False,
+    would run the file's code); another model's weights listed every missing key."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"garbage.pt cannot be loaded as weights of clipsearch-tiny: not a file "
+                                         r"of plain weights \(corrupt, or a pickle of more than tensors"):
+        load_encoder(TINY, pretrained=str(garbage), device="cpu")
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"some.other.weight": torch.zeros(2)}}, other)
+    total = len(tiny_encoder.model.state_dict())
+    with pytest.raises(ValueError, match=rf"other.pt cannot be loaded as weights of clipsearch-tiny: {total} "
+                                         r"tensors of the architecture missing from it, 1 in it that"):
+        load_encoder(TINY, pretrained=str(other), device="cpu")
+
+
 def test_unknown_sources_raise_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyError, match="unknown architecture"):
         load_encoder("no-such-architecture", device="cpu")
