@@ -174,8 +174,12 @@ def _model(args: argparse.Namespace) -> int:
         raise SystemExit("clipsearch model: a changed recipe is an experiment; add --inner-split S or --no-export "
                          "(models/default/ holds the committed recipe's model)")
 
-    epochs = args.epochs or DEFAULT_EPOCHS
+    # `or` would read --epochs 0 as "the recipe's 240" and start 50 minutes of training
+    epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
     restart_epochs = RESTART_EPOCHS if args.restart_epochs is None else args.restart_epochs
+    if epochs < 1 or restart_epochs < 0:
+        raise ValueError(f"--epochs must be at least 1 and --restart-epochs at least 0 (0: no second cycle), "
+                         f"got {epochs} and {restart_epochs}")
     inner = args.inner_split
     run_dir = args.run_dir or (Path("runs/default") if inner is None else Path(f"runs/inner-{inner}"))
     exporting = inner is None and not args.no_export

@@ -110,6 +110,21 @@ def test_model_passes_both_cycles_to_the_recipe(tmp_path: Path, monkeypatch, cap
     assert capsys.readouterr().out.split() == [str(tmp_path / "model")] * 2
 
 
+@pytest.mark.parametrize(("flags", "got"), [(["--epochs", "0"], "got 0 and 120"),
+                                           (["--restart-epochs", "-1"], "got 240 and -1")])
+def test_model_refuses_cycles_no_run_can_have(tmp_path: Path, monkeypatch, caplog, flags: list[str],
+                                              got: str) -> None:
+    """--epochs 0 read as "the recipe's own" and started the whole 240-epoch first cycle."""
+    import models.default_model
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained for a setting that had to be refused")
+
+    monkeypatch.setattr(models.default_model, "train_default_model", no_training)
+    assert main(["model", "--no-export", "--quiet", "--run-dir", str(tmp_path), *flags]) == 2
+    assert f"--epochs must be at least 1 and --restart-epochs at least 0 (0: no second cycle), {got}" in caplog.text
+
+
 def test_resuming_with_another_recipe_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A run directory continues only the run it holds: resuming it with another schedule would
     train neither recipe, silently. Where it writes, how often it saves and what it prints may change."""
