@@ -210,11 +210,27 @@ def drive_processes(base: str, clients: int, duration_s: float, image_share: flo
         return LoadReport.merged([future.result() for future in futures])
 
 
+def check_load_options(clients: int, duration_s: float, image_share: float) -> None:
+    """Refuse load settings that measure nothing (`bench` and `lb-test`): with no clients the
+    report ended in an IndexError over zero latencies; a share of 2 sent only images unannounced."""
+    if clients < 1:
+        raise ValueError(f"--clients must be at least 1, got {clients}")
+    if not duration_s > 0:
+        raise ValueError(f"--duration must be positive (seconds), got {duration_s}")
+    if not 0.0 <= image_share <= 1.0:
+        raise ValueError(f"--image-share must lie in [0, 1], got {image_share}")
+
+
 def _handle(args: argparse.Namespace) -> int:
     import httpx
 
-    if args.processes < 1 or args.clients < args.processes:
+    check_load_options(args.clients, args.duration, args.image_share)
+    if not 1 <= args.processes <= args.clients:
         raise ValueError(f"--processes must be between 1 and --clients ({args.clients}), got {args.processes}")
+    try:  # one clear line instead of a ConnectError traceback from every client
+        httpx.get(f"{args.url}/healthz", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ValueError(f"no clipsearch server answers at {args.url} ({exc}); start one with `make serve`") from None
     report = drive_processes(args.url, args.clients, args.duration, args.image_share, args.processes)
     result = {"clients": args.clients, "processes": args.processes, "image_share": args.image_share,
               **report.as_dict(),

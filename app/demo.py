@@ -47,6 +47,20 @@ def _curl(base: str, path: str, body: dict[str, Any]) -> str:
     return f"curl -s {base}{path} -H 'content-type: application/json' -d '{json.dumps(body)}'"
 
 
+def _results(base: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `results` of one search; a refusal (say, a k above the server's limit) raises ValueError
+    with the server's own message instead of a KeyError on the missing field."""
+    import httpx
+
+    response = httpx.post(f"{base}{path}", json=body, timeout=30)
+    if response.status_code != 200:
+        error = response.json().get("error", {}) if "json" in response.headers.get("content-type", "") else {}
+        raise ValueError(f"the server refused {path} {json.dumps(body)}: {response.status_code} "
+                         f"{error.get('message', response.text[:200])}")
+    results: list[dict[str, Any]] = response.json()["results"]
+    return results
+
+
 def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> str:
     """Run the example queries against a live server; return them as text (or a Markdown table)."""
     import httpx
@@ -56,7 +70,7 @@ def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> 
         lines += ["| query | top results (score, stamp file: its description) |", "|---|---|"]
     for query in queries:
         body = {"query": query, "k": k}
-        results = httpx.post(f"{base}/v1/search/text", json=body, timeout=30).json()["results"]
+        results = _results(base, "/v1/search/text", body)
         if markdown:
             cells = "<br>".join(f"{r['score']:.2f} `{Path(r['source']).name}`: {r['caption'] or '-'}"
                                 for r in results)
@@ -68,7 +82,7 @@ def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> 
     if not markdown:
         body = {"id": 0, "k": 3, "target": "texts"}
         item = httpx.get(f"{base}/v1/items/0", timeout=30).json()
-        labels = httpx.post(f"{base}/v1/search/image", json=body, timeout=30).json()["results"]
+        labels = _results(base, "/v1/search/image", body)
         lines.append(f"\nimage -> text: captions nearest to the image of item 0 ({item['source']})")
         lines.append(f"$ {_curl(base, '/v1/search/image', body)}")
         for rank, r in enumerate(labels, 1):
@@ -110,6 +124,8 @@ def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries
 
 
 def _handle(args: argparse.Namespace) -> int:
+    if args.k < 1:  # before the gallery is indexed, not after
+        raise ValueError(f"-k must be at least 1, got {args.k}")
     serve = args.serve if args.serve is not None else sys.stdin.isatty()
     return run_demo(args.model, args.gallery, args.out, args.host, args.port, args.query or list(EXAMPLE_QUERIES),
                     args.k, args.markdown, serve and not args.markdown)

@@ -241,6 +241,11 @@ def run_lb_test(index: Path, model: str, work: Path, replicas: int, base_port: i
 
 
 def _handle(args: argparse.Namespace) -> int:
+    from app.bench import check_load_options
+
+    check_load_options(args.clients, args.duration, args.image_share)
+    if args.replicas < 2:  # one replica killed must leave another to take its requests
+        raise ValueError(f"--replicas must be at least 2, got {args.replicas}")
     base_port = args.base_port or free_port_block(args.replicas)
     report = run_lb_test(args.index, args.model, args.work, args.replicas, base_port, args.clients,
                          args.duration, args.image_share)

@@ -6,6 +6,7 @@ import pytest
 
 from app.bench import LoadReport, batch_sizes, drive_processes
 from app.cli import main
+from app.lbtest import free_port_block
 
 
 def _report(statuses: dict[int, int]) -> LoadReport:
@@ -77,3 +78,31 @@ def test_several_generator_processes_drive_one_server(live_server: str) -> None:
 def test_more_processes_than_clients_is_refused(processes: str, caplog: pytest.LogCaptureFixture) -> None:
     assert main(["bench", "--url", "http://127.0.0.1:9", "--clients", "3", "--processes", processes]) == 2
     assert "--processes must be between 1 and --clients (3)" in caplog.text
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--clients", "0"], "--clients must be at least 1, got 0"),
+    (["--duration", "-1"], "--duration must be positive (seconds), got -1.0"),
+    (["--image-share", "2"], "--image-share must lie in [0, 1], got 2.0"),
+])
+def test_load_settings_that_measure_nothing_are_refused(flags: list[str], message: str,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """bench and lb-test share the check; lb-test with no clients ended in an IndexError."""
+    assert main(["bench", "--url", "http://127.0.0.1:9", *flags]) == 2
+    assert message in caplog.text
+    caplog.clear()
+    assert main(["lb-test", "--index", "nowhere", *flags]) == 2
+    assert message in caplog.text
+
+
+def test_lb_test_needs_a_replica_to_survive_the_kill(caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["lb-test", "--index", "nowhere", "--replicas", "1"]) == 2
+    assert "--replicas must be at least 2, got 1" in caplog.text
+
+
+def test_bench_without_a_server_says_so_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Every client raised ConnectError and the command ended in its traceback."""
+    port = free_port_block(1)  # nothing listens there
+    assert main(["bench", "--url", f"http://127.0.0.1:{port}", "--duration", "1"]) == 2
+    assert f"no clipsearch server answers at http://127.0.0.1:{port}" in caplog.text
+    assert "Traceback" not in caplog.text

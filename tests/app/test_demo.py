@@ -75,3 +75,20 @@ def test_demo_prints_the_curl_commands_it_ran(shapes_folder: Path, tmp_path: Pat
     assert run_demo(*args, k=2, markdown=False, serve=False) == 0
     second = capsys.readouterr().out
     assert f"(embedded 0, reused {images})" in second and "nothing changed" in second
+
+
+def test_demo_refuses_a_k_below_one_before_indexing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from app.cli import main
+
+    assert main(["demo", "--no-serve", "--out", str(tmp_path / "index"), "-k", "0"]) == 2
+    assert "-k must be at least 1, got 0" in caplog.text
+    assert not (tmp_path / "index").exists()
+
+
+def test_demo_passes_on_the_servers_refusal(shapes_folder: Path, tmp_path: Path) -> None:
+    """A k above the server's limit ended in KeyError 'results', printed as "ERROR clipsearch: 'results'"."""
+    args = ("default", shapes_folder, tmp_path / "index", "127.0.0.1", free_port_block(1), ["a red circle"])
+    with pytest.raises(ValueError, match=r"the server refused /v1/search/text .*: 422 k: Input should be less "
+                                         r"than or equal to 1000"):
+        run_demo(*args, k=5000, markdown=False, serve=False)
+
