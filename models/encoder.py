@@ -118,6 +118,27 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def _as_texts(texts: Sequence[str] | str) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    items = list(texts)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"encode_texts takes strings, got {type(item).__name__}")
+    return items
+
+
+def _as_images(images: Sequence[Image.Image] | Image.Image) -> list[Image.Image]:
+    if isinstance(images, Image.Image):
+        return [images]
+    items = list(images)
+    for item in items:
+        if not isinstance(item, Image.Image):
+            raise TypeError(f"encode_images takes PIL images, got {type(item).__name__}; decode files with "
+                            "models.load_image(path), which refuses unsafe ones with a reason")
+    return items
+
+
 def _batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -203,24 +224,28 @@ class DualEncoder:
             out[part] = self._run(self._image_features, pixels[part])
         return out
 
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed RGB PIL images (see `models.images.load_image`) -> float32 `(n, d)`, unit norm."""
+    def encode_images(self, images: Sequence[Image.Image] | Image.Image) -> np.ndarray:
+        """Embed RGB PIL images (see `models.images.load_image`) -> float32 `(n, d)`, unit norm. One
+        image counts as a list of one. Raises TypeError for anything else, paths included."""
+        images = _as_images(images)
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for part in _batches(len(images), self.image_batch_size):
             pixels = torch.stack([self.preprocess(image) for image in images[part]])
             out[part] = self._run(self._image_features, pixels)
         return out
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str] | str) -> np.ndarray:
         """Embed strings -> float32 `(n, d)`, unit norm. Over-long texts are truncated by the tokenizer.
-        These are queries (text -> image search); see `encode_captions` for the texts images look for."""
+        One string counts as a list of one (not as its characters: "a bird" gave six rows). These
+        are queries (text -> image search); see `encode_captions` for the texts images look for."""
+        texts = _as_texts(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for part in _batches(len(texts), self.text_batch_size):
             tokens = self.tokenizer(list(texts[part]))
             out[part] = self._run(self.model.encode_text, tokens)
         return out
 
-    def encode_captions(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_captions(self, texts: Sequence[str] | str) -> np.ndarray:
         """Embed the captions or labels that images are to find (the documents of image -> text
         search, e.g. a caption index) -> float32 `(n, d)`, unit norm. With an image bank
         (`models.image_bank`) they are moved toward the training images of their nearest training

@@ -8,6 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from models import FingerprintMismatch, ModelFingerprint, load_encoder, resolve_device
 from models.checkpoint import CONFIG_NAME, FULL_WEIGHTS_NAME, save_model_dir
@@ -185,3 +186,23 @@ def test_a_gpu_the_machine_lacks_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ValueError, match="'cuda:3' asked for, but this machine has 1 CUDA device"):
         resolve_device("cuda:3")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_one_text_or_one_image_counts_as_a_list_of_one(tiny_encoder, sample_images) -> None:
+    """encode_texts("a bird") embedded each of its six characters and returned six rows."""
+    np.testing.assert_array_equal(tiny_encoder.encode_texts("a bird"), tiny_encoder.encode_texts(["a bird"]))
+    assert tiny_encoder.encode_texts("a bird").shape == (1, tiny_encoder.dim)
+    np.testing.assert_array_equal(tiny_encoder.encode_captions("a bird"), tiny_encoder.encode_captions(["a bird"]))
+    np.testing.assert_array_equal(tiny_encoder.encode_images(sample_images[0]),
+                                  tiny_encoder.encode_images(sample_images[:1]))
+
+
+def test_what_is_not_a_text_or_an_image_is_refused_by_name(tiny_encoder, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="encode_texts takes strings, got int"):
+        tiny_encoder.encode_texts(["a bird", 7])
+    path = tmp_path / "bird.png"
+    Image.new("RGB", (8, 8)).save(path)
+    for item in (str(path), path, path.read_bytes()):
+        with pytest.raises(TypeError, match=r"encode_images takes PIL images, got \w+; decode files with "
+                                            r"models.load_image\(path\)"):
+            tiny_encoder.encode_images([item])
