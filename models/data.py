@@ -146,21 +146,43 @@ def read_captioned_folder(folder: Path) -> PairSet:
 
 
 def read_karpathy(path: Path, images_root: Path, split: str | None = "test") -> PairSet:
-    """Karpathy-split JSON (Flickr30k / COCO): every sentence of every image in `split` (None: all)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    """Karpathy-split JSON (Flickr30k / COCO): every sentence of every image in `split` (None: all).
+    Raises ValueError when the file is not such a JSON, or when no image is in `split` (naming the
+    splits it has); an entry without a file name is skipped and counted (`invalid_row`)."""
+    if not images_root.is_dir():
+        raise FileNotFoundError(f"--images-root {images_root} is not a folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} is not a Karpathy-split JSON: it needs an \"images\" list "
+                         '(entries with "filename", "split" and "sentences")')
     root = images_root.resolve()
     result = PairSet(pairs=[], root=root)
-    for entry in data.get("images", []):
+    splits: Counter[str] = Counter()
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            result.skipped["invalid_row"] += 1
+            continue
+        splits[str(entry.get("split"))] += 1
         if split is not None and entry.get("split") != split:
             continue
-        image = (root / entry.get("filepath", "") / entry["filename"]).resolve()
+        image = (root / str(entry.get("filepath", "")) / entry["filename"]).resolve()
         result.split_of[image] = str(entry.get("split"))
-        for sentence in entry.get("sentences", []):
-            caption = clean_caption(sentence.get("raw") or " ".join(sentence.get("tokens", [])))
+        for sentence in entry.get("sentences") or []:
+            if not isinstance(sentence, dict):
+                result.skipped["invalid_row"] += 1
+                continue
+            caption = clean_caption(str(sentence.get("raw") or " ".join(map(str, sentence.get("tokens") or []))))
             if caption:
                 result.pairs.append(Pair(image, caption))
             else:
                 result.skipped["empty_caption"] += 1
+    if split is not None and splits and not splits[split]:
+        raise ValueError(f"{path} has no image in split {split!r}; its splits: "
+                         + ", ".join(f"{name} ({n})" for name, n in sorted(splits.items())))
     return result
 
 

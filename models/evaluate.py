@@ -74,7 +74,8 @@ def evaluate(
         texts.append(pair.caption)
         owners.append(image_ids[pair.image])
     if not texts:
-        raise ValueError("nothing to evaluate: no usable pairs")
+        reasons = f" (skipped: {dict(skipped)})" if skipped else ""
+        raise ValueError(f"nothing to evaluate: no usable pairs{reasons}")
     image_features = encoder.encode_images(images)
     text_features = encoder.encode_texts(texts)
     # image -> text searches the captions as documents (`encode_captions`), as a caption index does

@@ -51,6 +51,16 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapture
     assert "no such file or folder" in caplog.text
 
 
+def test_eval_with_nothing_usable_says_what_was_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder of images without captions said only "no usable pairs"."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
+    assert main(["eval", str(tmp_path / "data"), "--model", TINY, "--quiet"]) == 2
+    assert "nothing to evaluate: no usable pairs (skipped: {'missing_caption': 1})" in caplog.text
+
+
 @pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2"])
 def test_eval_refuses_a_held_out_fraction_no_run_can_have(shapes_folder: Path, fraction: str,
                                                           caplog: pytest.LogCaptureFixture) -> None:

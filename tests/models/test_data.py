@@ -70,12 +70,37 @@ def test_karpathy_json(tmp_path: Path) -> None:
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="images-root"):
         read_pairs(tmp_path / "dataset_flickr30k.json")
+    (tmp_path / "imgs").mkdir()
     test = read_pairs(tmp_path / "dataset_flickr30k.json", images_root=tmp_path / "imgs")
     assert [p.caption for p in test.pairs] == ["A dog runs.", "a brown dog"]
     assert test.pairs[0].image == (tmp_path / "imgs" / "1.jpg").resolve()
     assert test.skipped == {"empty_caption": 1}
     everything = read_pairs(tmp_path / "dataset_flickr30k.json", images_root=tmp_path, karpathy_split=None)
     assert len(everything.pairs) == 3
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("not json", r"k.json is not JSON \(Expecting value"),
+    ('{"images": 5}', r'k.json is not a Karpathy-split JSON: it needs an "images" list'),
+    ('[1, 2]', r'k.json is not a Karpathy-split JSON'),
+    ('{"images": [{"filename": "1.jpg", "split": "train", "sentences": [{"raw": "A cat."}]}]}',
+     r"k.json has no image in split 'test'; its splits: train \(1\)"),
+])
+def test_a_karpathy_json_gone_wrong_is_named(tmp_path: Path, text: str, message: str) -> None:
+    """`{"images": 5}` ended in a TypeError traceback; a set without a test split said only "no usable pairs"."""
+    (tmp_path / "k.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_pairs(tmp_path / "k.json", images_root=tmp_path)
+
+
+def test_karpathy_entries_that_are_not_entries_are_counted(tmp_path: Path) -> None:
+    data = {"images": [7, {"split": "test"}, {"filename": "1.jpg", "split": "test", "sentences": [{"raw": "A dog."}, 5]}]}
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    pairs = read_pairs(tmp_path / "k.json", images_root=tmp_path)
+    assert [p.caption for p in pairs.pairs] == ["A dog."]
+    assert pairs.skipped == {"invalid_row": 3}
+    with pytest.raises(FileNotFoundError, match="--images-root .*nowhere is not a folder"):
+        read_pairs(tmp_path / "k.json", images_root=tmp_path / "nowhere")
 
 
 def test_missing_source_and_unknown_type(tmp_path: Path) -> None:
