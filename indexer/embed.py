@@ -224,4 +224,6 @@ _PROBLEMS = {
     "invalid_row": "manifest row is not a JSON object",
     "missing_image_path": "manifest row has no image path",
     "repeated_row": "manifest lists this image path again",
+    "remote_url": "a URL, not a file: URLs are not downloaded; fetch the images first (img2dataset, say) "
+                  "and list their local paths",
 }

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.data import clean_caption, manifest_columns, read_manifest_rows
+from models.data import clean_caption, is_remote, manifest_columns, read_manifest_rows
 from models.images import IMAGE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
@@ -79,6 +79,9 @@ def read_manifest(path: Path, image_column: str | None = None, caption_column: s
         extra = {k: v for k, v in row.items() if k not in (image_key, caption_key)}
         if not name:
             records.append(Record(f"row:{number}", None, caption, extra, problem="missing_image_path"))
+            continue
+        if is_remote(name):
+            records.append(Record(name, None, caption, extra, problem="remote_url"))
             continue
         image = (root / name).resolve()
         source = _relative(image, root)

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,13 @@ class PairSet:
     @property
     def rows(self) -> int:
         return len(self.pairs) + sum(self.skipped.values())
+
+
+def is_remote(name: str) -> bool:
+    """An image named by URL ("https://...", "s3://..."): nothing here downloads, and as a path it
+    would turn into a file name that does not exist ("http:/host/a.png")."""
+    # a scheme as RFC 3986 spells it, two characters at least: "C://x" is a drive, not a scheme
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", name) is not None
 
 
 def clean_caption(text: Any) -> str:
@@ -119,6 +127,9 @@ def read_manifest(
         caption = clean_caption(row.get(caption_key)) if caption_key else ""
         if not image:
             result.skipped["missing_image_path"] += 1
+            continue
+        if is_remote(image):
+            result.skipped["remote_url"] += 1
             continue
         if not caption:
             result.skipped["empty_caption"] += 1

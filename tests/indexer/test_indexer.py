@@ -488,3 +488,17 @@ def test_a_resumed_run_with_another_byte_limit_starts_afresh(tmp_path: Path, enc
     keys = [_run_key(source, encoder, IndexConfig(out_dir=tmp_path, limits=ImageLimits(max_bytes=n)), None)
             for n in (1000, 2000)]
     assert keys[0] != keys[1]
+
+
+def test_a_url_in_a_manifest_is_rejected_as_such(tmp_path: Path, encoder) -> None:
+    """It was read as a relative path ("http:/example.com/a.png") and rejected as an unreadable file."""
+    make_messy_folder(tmp_path / "data", good=2, bad=0)
+    local = next((tmp_path / "data").rglob("*.png")).relative_to(tmp_path / "data").as_posix()
+    (tmp_path / "data" / "m.csv").write_text(
+        f"image,caption\nhttps://example.com/a.png,remote\ns3://bucket/b.jpg,remote too\n{local},here\n")
+    summary = _index(tmp_path / "data" / "m.csv", tmp_path / "index", encoder)
+    assert summary.balanced and summary.indexed == 1 and summary.rejected == {"remote_url": 2}
+    rejects = [json.loads(line) for line in (load_index(tmp_path / "index").directory / "rejects.jsonl")
+               .read_text().splitlines()]
+    assert [r["source"] for r in rejects] == ["https://example.com/a.png", "s3://bucket/b.jpg"]
+    assert all("URLs are not downloaded" in r["message"] for r in rejects)

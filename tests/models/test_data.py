@@ -141,3 +141,12 @@ def test_rows_of_one_group_share_a_side_of_the_split(tmp_path: Path) -> None:
     assert not held_groups & {p.extra["group"] for p in train}
     assert len(held) == 2 * len(held_groups)
     assert {p.image for p in held_out_only(pair_set, 0.5).pairs} == {p.image for p in held}
+
+
+def test_a_training_manifest_counts_urls_apart(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("image,caption\nhttp://example.com/a.png,a cat\nC://photos/b.png,a dog\n"
+                                    "imgs/c.png,a bird\n")
+    pairs = read_pairs(tmp_path / "m.csv")
+    assert [p.caption for p in pairs.pairs] == ["a dog", "a bird"]  # "C:" is a drive letter, not a scheme
+    assert pairs.skipped == {"remote_url": 1}
+
