@@ -514,6 +514,7 @@ def test_bf16_step_on_the_cpu_tracks_the_float32_step(shapes_folder: Path, tmp_p
     ({"val_fraction": 1.0}, r"val_fraction \(the held-out share of images\) must lie in \[0, 1\), got 1.0"),
     ({"val_fraction": -0.2}, r"must lie in \[0, 1\), got -0.2"),
     ({"label_smoothing": 1.0}, r"label_smoothing must lie in \[0, 1\), got 1.0"),
+    ({"lock_text": True, "lock_image": True}, "lock_text and lock_image together leave nothing to train"),
 ])
 def test_settings_no_run_can_use_are_refused_when_the_config_is_built(tmp_path: Path, setting, message) -> None:
     """A zero batch or checkpoint interval, or a held-out share of 1, ended in a ZeroDivisionError
