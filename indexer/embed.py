@@ -62,6 +62,11 @@ class Previous:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def size(self, sha: str) -> tuple[int, int]:
+        """(width, height) of a known file, as recorded when it was decoded."""
+        _, width, height = self.rows[sha]
+        return width, height
+
     def take(self, sha: str) -> tuple[np.ndarray, int, int]:
         """(float32 vector, width, height) of a known file."""
         assert self.embeddings is not None
@@ -122,11 +127,18 @@ def _prepare(record: Record, preprocess: Callable[[Any], torch.Tensor], limits: 
 
 
 def resolve(record: Record, sha: str, rejection: ImageRejected | None, fresh: bool, seen: dict[str, str],
-            previous: Previous) -> Outcome | None:
+            previous: Previous, max_pixels: int) -> Outcome | None:
     """The outcome of a read file unless it needs its new vector (None): rejected, a duplicate of a
-    file seen earlier in this run, or reused from the published index. Records it in `seen`."""
+    file seen earlier in this run, or reused from the published index. Records it in `seen`.
+    A reused file is held to this run's pixel limit by its recorded size, as it is not decoded
+    again: a run with a lower `--max-pixels` kept every large image of the previous version."""
     if rejection is not None:
         return Outcome(record, "rejected", sha, reason=rejection.reason, message=rejection.message)
+    if not fresh:
+        width, height = previous.size(sha)
+        if width * height > max_pixels:
+            return Outcome(record, "rejected", sha, reason="too_large",
+                           message=f"image is {width}x{height} pixels, over the limit of {max_pixels:,}")
     if sha in seen:
         return Outcome(record, "duplicate", sha, extra={"of": seen[sha]})
     seen[sha] = record.source
@@ -189,7 +201,7 @@ class Embedder:
                 while position in ready:  # rows that needed no reading (text, bad rows)
                     position += 1
                 outcome = resolve(record, prepared.sha256, prepared.rejection, prepared.pixels is not None,
-                                  self.seen, self.previous)
+                                  self.seen, self.previous, self.limits.max_pixels)
                 if outcome is None:
                     batch.append((position, record, prepared))
                     if len(batch) >= self.batch_size:

@@ -109,6 +109,6 @@ def run_ray(records: Iterable[Record], options: RayOptions, previous: Previous, 
         row = results[position]
         sha = str(row["sha256"])
         rejection = ImageRejected(str(row["reason"]), str(row["message"])) if row["reason"] else None
-        outcome = resolve(record, sha, rejection, bool(row["embedded"]), seen, previous)
+        outcome = resolve(record, sha, rejection, bool(row["embedded"]), seen, previous, limits.max_pixels)
         yield outcome or Outcome(record, "embedded", sha, int(row["width"]), int(row["height"]),
                                  np.asarray(row["vector"], dtype=np.float32))

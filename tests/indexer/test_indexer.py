@@ -502,3 +502,21 @@ def test_a_url_in_a_manifest_is_rejected_as_such(tmp_path: Path, encoder) -> Non
                .read_text().splitlines()]
     assert [r["source"] for r in rejects] == ["https://example.com/a.png", "s3://bucket/b.jpg"]
     assert all("URLs are not downloaded" in r["message"] for r in rejects)
+
+
+def test_a_lower_pixel_limit_holds_for_reused_files_too(tmp_path: Path, encoder) -> None:
+    """Reused files are not decoded again, so a re-run with a lower --max-pixels kept every large
+    image of the previous version. Their recorded sizes now meet the limit."""
+    make_messy_folder(tmp_path / "data", good=24, bad=0)  # sides of 24, 32 and 40 pixels
+    first = _index(tmp_path / "data", tmp_path / "index", encoder)
+    sizes = {m["source"]: m["width"] * m["height"] for m in load_index(tmp_path / "index").metadata}
+    large = {source for source, pixels in sizes.items() if pixels > 32 * 32}
+    assert large and len(large) < first.indexed
+    again = _index(tmp_path / "data", tmp_path / "index", encoder, limits=ImageLimits(max_pixels=32 * 32))
+    assert again.balanced and again.embedded == 0
+    assert again.rejected == {"too_large": len(large)} and again.reused == first.indexed - len(large)
+    index = load_index(tmp_path / "index")
+    assert {m["source"] for m in index.metadata} == set(sizes) - large
+    rejects = [json.loads(line) for line in (index.directory / "rejects.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in rejects} == large
+    assert all(r["message"].endswith("pixels, over the limit of 1,024") for r in rejects)
