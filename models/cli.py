@@ -36,7 +36,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str = "defaul
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument(
         "data",
         type=Path,
@@ -47,7 +47,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-column", default=None, help="manifest column with captions")
     parser.add_argument("--images-root", type=Path, default=None, help="image folder of a Karpathy JSON")
     parser.add_argument(
-        "--split", default="test", help="Karpathy split to use (train/val/test/restval, 'all': every one)"
+        "--split", default=split,
+        help="Karpathy splits to use, comma-separated (train, restval, val, test; 'all': every one; "
+        "default: %(default)s)",
     )
 
 
@@ -59,7 +61,7 @@ def _read_pairs(args: argparse.Namespace) -> Any:
         image_column=args.image_column,
         caption_column=args.caption_column,
         images_root=args.images_root,
-        karpathy_split=None if args.split == "all" else args.split,
+        karpathy_split=None if args.split == "all" else [name.strip() for name in args.split.split(",")],
     )
     if pair_set.skipped:
         logger.warning("skipped %d rows: %s", sum(pair_set.skipped.values()), dict(pair_set.skipped))
@@ -253,7 +255,9 @@ def add_commands(subparsers: Any) -> None:
 
 def _add_train_command(subparsers: Any) -> None:
     train = subparsers.add_parser("train", help="contrastive training on image-caption pairs")
-    _add_data_arguments(train)
+    # training never reads the test split unless asked: "train,restval" is Karpathy's COCO training
+    # set (Flickr30k has no restval); the default was "test", evaluation's, for both commands
+    _add_data_arguments(train, split="train,restval")
     _add_model_arguments(train, default="clipsearch-tiny")
     train.add_argument("--out", type=Path, required=True, help="run directory (resumed when it exists)")
     train.add_argument("--epochs", type=int, default=10)
@@ -311,7 +315,7 @@ def _add_train_command(subparsers: Any) -> None:
 
 def _add_eval_command(subparsers: Any) -> None:
     evaluate = subparsers.add_parser("eval", help="Recall@1/5/10 of a model on a captioned set")
-    _add_data_arguments(evaluate)
+    _add_data_arguments(evaluate, split="test")
     _add_model_arguments(evaluate)
     evaluate.add_argument(
         "--held-out", type=float, default=None, metavar="FRACTION",

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,12 @@ def read_captioned_folder(folder: Path) -> PairSet:
     return result
 
 
-def read_karpathy(path: Path, images_root: Path, split: str | None = "test") -> PairSet:
-    """Karpathy-split JSON (Flickr30k / COCO): every sentence of every image in `split` (None: all).
-    Raises ValueError when the file is not such a JSON, or when no image is in `split` (naming the
-    splits it has); an entry without a file name is skipped and counted (`invalid_row`)."""
+def read_karpathy(path: Path, images_root: Path, split: str | Sequence[str] | None = "test") -> PairSet:
+    """Karpathy-split JSON (Flickr30k / COCO): every sentence of every image in `split`, one name or
+    several ("train", "restval"); None: all. Raises ValueError when the file is not such a JSON, or
+    when no image is in `split` (naming the splits it has); an entry without a file name is skipped
+    and counted (`invalid_row`)."""
+    wanted = None if split is None else {split} if isinstance(split, str) else set(split)
     if not images_root.is_dir():
         raise FileNotFoundError(f"--images-root {images_root} is not a folder")
     try:
@@ -178,7 +181,7 @@ def read_karpathy(path: Path, images_root: Path, split: str | None = "test") -> 
             result.skipped["invalid_row"] += 1
             continue
         splits[str(entry.get("split"))] += 1
-        if split is not None and entry.get("split") != split:
+        if wanted is not None and entry.get("split") not in wanted:
             continue
         image = (root / str(entry.get("filepath", "")) / entry["filename"]).resolve()
         result.split_of[image] = str(entry.get("split"))
@@ -191,8 +194,8 @@ def read_karpathy(path: Path, images_root: Path, split: str | None = "test") -> 
                 result.pairs.append(Pair(image, caption))
             else:
                 result.skipped["empty_caption"] += 1
-    if split is not None and splits and not splits[split]:
-        raise ValueError(f"{path} has no image in split {split!r}; its splits: "
+    if wanted is not None and splits and not any(splits[name] for name in wanted):
+        raise ValueError(f"{path} has no image in split {' or '.join(sorted(wanted))!r}; its splits: "
                          + ", ".join(f"{name} ({n})" for name, n in sorted(splits.items())))
     return result
 
@@ -202,7 +205,7 @@ def read_pairs(
     image_column: str | None = None,
     caption_column: str | None = None,
     images_root: Path | None = None,
-    karpathy_split: str | None = "test",
+    karpathy_split: str | Sequence[str] | None = "test",
 ) -> PairSet:
     """Read pairs from a folder, a manifest, or (with `images_root`) a Karpathy JSON."""
     source = Path(source)

@@ -51,6 +51,27 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapture
     assert "no such file or folder" in caplog.text
 
 
+def test_train_reads_the_training_splits_of_a_karpathy_json_and_eval_the_test_split(
+        shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`clipsearch train dataset.json --images-root ...` trained on the test split: the one default,
+    evaluation's, served both commands. Training now reads train and restval unless told otherwise."""
+    images = sorted(shapes_folder.rglob("*.png"))[:12]
+    entries = [{"filename": image.name, "filepath": image.parent.name, "split": split,
+                "sentences": [{"raw": image.with_suffix(".txt").read_text().splitlines()[0]}]}
+               for image, split in zip(images, ["train", "restval", "test", "val"] * 3, strict=True)]
+    (tmp_path / "k.json").write_text(json.dumps({"images": entries}))
+    common = ["--images-root", str(shapes_folder), "--model", TINY, "--quiet", "--device", "cpu"]
+    assert main(["train", str(tmp_path / "k.json"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--val-fraction", "0", *common]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_pairs"] == 6 and metrics["held_out_pairs"] == 0  # 3 train + 3 restval
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "k.json"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == 3  # the test split alone
+    assert main(["eval", str(tmp_path / "k.json"), "--split", "val,test", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == 6
+
+
 def test_eval_with_nothing_usable_says_what_was_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A folder of images without captions said only "no usable pairs"."""
     from PIL import Image
