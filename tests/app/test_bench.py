@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from app.bench import LoadReport, batch_sizes, drive_processes
@@ -106,3 +108,10 @@ def test_bench_without_a_server_says_so_in_one_line(caplog: pytest.LogCaptureFix
     assert main(["bench", "--url", f"http://127.0.0.1:{port}", "--duration", "1"]) == 2
     assert f"no clipsearch server answers at http://127.0.0.1:{port}" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_bench_against_a_live_server_prints_its_report(live_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command end to end, past the check that a server answers."""
+    assert main(["bench", "--url", live_server, "--clients", "2", "--duration", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["clients"] == 2 and report["failed"] == 0 and report["ok"] > 0
