@@ -134,17 +134,17 @@ def resolve(record: Record, sha: str, rejection: ImageRejected | None, fresh: bo
     again: a run with a lower `--max-pixels` kept every large image of the previous version."""
     if rejection is not None:
         return Outcome(record, "rejected", sha, reason=rejection.reason, message=rejection.message)
-    if not fresh:
+    if sha in seen:
+        return Outcome(record, "duplicate", sha, extra={"of": seen[sha]})
+    if not fresh:  # known from the published index (a file seen earlier in this run is handled above)
         width, height = previous.size(sha)
         if width * height > max_pixels:
             return Outcome(record, "rejected", sha, reason="too_large",
                            message=f"image is {width}x{height} pixels, over the limit of {max_pixels:,}")
-    if sha in seen:
-        return Outcome(record, "duplicate", sha, extra={"of": seen[sha]})
-    seen[sha] = record.source
-    if not fresh:  # known from the published index: reuse its vector
+        seen[sha] = record.source
         vector, width, height = previous.take(sha)
         return Outcome(record, "reused", sha, width, height, vector)
+    seen[sha] = record.source
     return None
 
 

@@ -520,3 +520,20 @@ def test_a_lower_pixel_limit_holds_for_reused_files_too(tmp_path: Path, encoder)
     rejects = [json.loads(line) for line in (index.directory / "rejects.jsonl").read_text().splitlines()]
     assert {r["source"] for r in rejects} == large
     assert all(r["message"].endswith("pixels, over the limit of 1,024") for r in rejects)
+
+
+def test_a_file_known_only_from_this_run_is_a_duplicate_not_a_reused_vector() -> None:
+    """A file whose twin was read earlier in this run is prepared as "known" without a decode, like a
+    file of the published index. Read as the latter, it failed (a KeyError in the Ray test, CI)."""
+    from indexer.embed import Previous, resolve
+    from indexer.reader import Record
+
+    seen = {"abc": "a.png"}
+    outcome = resolve(Record("b.png", Path("b.png")), "abc", None, False, seen, Previous(), max_pixels=10)
+    assert outcome is not None and outcome.kind == "duplicate" and outcome.extra == {"of": "a.png"}
+    previous = Previous(np.ones((1, 4), np.float32), {"big": (0, 100, 100)})
+    too_large = resolve(Record("c.png", Path("c.png")), "big", None, False, seen, previous, max_pixels=10)
+    assert too_large is not None and too_large.kind == "rejected" and too_large.reason == "too_large"
+    assert "big" not in seen
+    kept = resolve(Record("c.png", Path("c.png")), "big", None, False, seen, previous, max_pixels=10_000)
+    assert kept is not None and kept.kind == "reused" and seen["big"] == "c.png"
