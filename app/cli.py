@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("clipsearch").error("invalid setting %s (a flag, or CLIPSEARCH_%s): %s, got %r",
                                                   name, name.upper(), error["msg"], error.get("input"))
         return 2
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        logging.getLogger("clipsearch").error("%s", exc)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        # OSError: a path that is a file where a folder is wanted, no permission, a full disk: the
+        # message says it all; --verbose keeps the traceback for a bug report
+        logging.getLogger("clipsearch").error("%s", exc, exc_info=args.verbose)
         return 2
     except KeyboardInterrupt:
         return 130

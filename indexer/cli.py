@@ -19,7 +19,6 @@ def _index(args: argparse.Namespace) -> int:
     from models.images import ImageLimits
 
     source = open_source(args.data, args.image_column, args.caption_column)
-    ensure_not_busy(args.out)
     # the settings first: one no run can use fails before the model loads
     if not args.memory_budget_gb > 0:  # said here in the unit the user gave, not in bytes
         raise ValueError(f"--memory-budget-gb must be positive, got {args.memory_budget_gb}")
@@ -39,6 +38,7 @@ def _index(args: argparse.Namespace) -> int:
                        actors=args.ray_actors, batch_size=args.batch_size, device=args.device)
         if args.backend == "ray" else None,
     )
+    ensure_not_busy(args.out)
     encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size)
     logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.device,
                 len(source.records), source.root)

@@ -57,6 +57,8 @@ class IndexConfig:
                             ("shard_size", self.shard_size), ("memory_budget_bytes", self.memory_budget_bytes)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"the index directory {self.out_dir} is a file, not a folder")
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if self.ray is not None and self.ray.actors < 1:

@@ -149,6 +149,8 @@ def _eval(args: argparse.Namespace) -> int:
     from models.encoder import load_encoder
     from models.evaluate import evaluate, held_out_only
 
+    if args.json:  # its folder made now: a path that cannot be written fails before the minutes of scoring
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     pair_set = _read_pairs(args)
     if args.held_out is not None:
         pair_set = held_out_only(pair_set, args.held_out, args.seed)

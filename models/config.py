@@ -140,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.caption_bank_weight <= 1.0:
             raise ValueError(f"caption_bank_weight must lie in [0, 1], got {self.caption_bank_weight}")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"the run directory {self.output_dir} is a file, not a folder")
         if self.lock_text and self.lock_image:
             raise ValueError("lock_text and lock_image together leave nothing to train but the temperature: "
                              "lock one tower at most")

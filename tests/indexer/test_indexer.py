@@ -460,6 +460,7 @@ def test_a_run_that_rejects_every_input_publishes_nothing(tmp_path: Path, tiny_m
     (["--max-pixels", "0"], "max_pixels must be at least 1, got 0: it would reject every image"),
     (["--max-bytes", "-5"], "max_bytes must be at least 1, got -5: it would reject every image"),
     (["--backend", "ray", "--ray-actors", "0"], "ray actors must be at least 1, got 0"),
+    (["--out", "{tmp}/afile"], "the index directory {tmp}/afile is a file, not a folder"),
 ])
 def test_settings_no_run_can_use_are_refused_before_the_model_loads(tmp_path: Path, monkeypatch, caplog,
                                                                      option: list[str], message: str) -> None:
@@ -473,8 +474,10 @@ def test_settings_no_run_can_use_are_refused_before_the_model_loads(tmp_path: Pa
 
     monkeypatch.setattr(models.encoder, "load_encoder", no_load)
     make_messy_folder(tmp_path / "data", good=2, bad=0)
+    (tmp_path / "afile").write_text("")
+    option = [part.format(tmp=tmp_path) for part in option]
     assert main(["index", str(tmp_path / "data"), "--out", str(tmp_path / "index"), "--quiet", *option]) == 2
-    assert message in caplog.text and "Traceback" not in caplog.text
+    assert message.format(tmp=tmp_path) in caplog.text and "Traceback" not in caplog.text
     assert not (tmp_path / "index" / "current").exists()
 
 

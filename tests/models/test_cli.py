@@ -72,6 +72,24 @@ def test_train_reads_the_training_splits_of_a_karpathy_json_and_eval_the_test_sp
     assert json.loads(capsys.readouterr().out)["texts"] == 6
 
 
+def test_eval_json_goes_into_new_folders_and_a_file_in_the_way_is_one_line(
+        shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--json into a folder not yet made failed after the scoring; a file where a folder had to be
+    ended in a FileExistsError traceback."""
+    report = tmp_path / "new" / "deeper" / "report.json"
+    assert main(["eval", str(shapes_folder), "--model", TINY, "--quiet", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["images"] == 192
+    (tmp_path / "afile").write_text("")
+    assert main(["eval", str(shapes_folder), "--model", TINY, "--quiet", "--json", str(tmp_path / "afile" / "r.json")]) == 2
+    assert "File exists" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_train_into_a_file_is_refused(shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "afile").write_text("")
+    assert main(["train", str(shapes_folder), "--out", str(tmp_path / "afile"), "--model", TINY, "--quiet"]) == 2
+    assert f"the run directory {tmp_path / 'afile'} is a file, not a folder" in caplog.text
+
+
 def test_eval_with_nothing_usable_says_what_was_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A folder of images without captions said only "no usable pairs"."""
     from PIL import Image
