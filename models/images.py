@@ -103,6 +103,10 @@ def decode_image(data: bytes | BinaryIO, limits: ImageLimits = ImageLimits()) ->
     composited onto white. Raises `ImageRejected` with reason `empty`, `too_large`,
     `unsupported_format`, `invalid_image` or `truncated`; never any other exception for bad input.
     """
+    if isinstance(data, str | os.PathLike):
+        # PIL would open the path itself, past the byte cap that `load_image` checks first
+        raise TypeError(f"decode_image takes bytes or a binary file, not a path ({data!s:.100}): "
+                        "use load_image(path)")
     if isinstance(data, bytes | bytearray):
         if len(data) == 0:
             raise ImageRejected("empty", "file is empty (0 bytes)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,14 @@ def test_load_image_reports_unreadable_and_empty(tmp_path) -> None:
     with pytest.raises(ImageRejected) as info:
         load_image(tmp_path / "empty.png")
     assert info.value.reason == "empty"
+
+
+def test_decode_image_refuses_a_path(tmp_path: Path) -> None:
+    """A path handed to decode_image went to PIL as a path, past the byte cap load_image checks."""
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    for given in (str(path), path):
+        with pytest.raises(TypeError, match=r"decode_image takes bytes or a binary file, not a path .*use load_image"):
+            decode_image(given)  # type: ignore[arg-type]
+    with pytest.raises(ImageRejected, match="over 100"):
+        load_image(path, ImageLimits(max_bytes=100))
