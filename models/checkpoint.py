@@ -76,7 +76,7 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(a), None, str(b))
 
 
-def publish_dir(target: Path, build: Callable[[Path], object]) -> Path:
+def publish_dir(target: Path, build: Callable[[Path], object], marker: str) -> Path:
     """Build a directory with `build(staging)` beside `target`, then put it in `target`'s place.
 
     Readers never see a half-written directory: if `build` raises, `target` is left as it was and
@@ -84,10 +84,20 @@ def publish_dir(target: Path, build: Callable[[Path], object]) -> Path:
     atomic step, so `target` is never missing. Elsewhere the swap is two renames (old out, new in),
     with `target` missing between them; a kill there leaves the complete new directory as
     `TARGET.tmp`. What a killed publish leaves is cleared by the next one.
+
+    Only a directory of the same kind is replaced: one holding `marker` (a data pack's
+    `pack.json`, a model's config), or an empty one. Anything else at `target` (a file, a folder
+    of photos given by mistake) raises FileExistsError before any work and is left alone; so does
+    a file where the staging or retired folder goes.
     """
     staging = target.with_name(target.name + ".tmp")
     retired = target.with_name(target.name + ".old")
+    if target.exists() and not (target.is_dir() and ((target / marker).is_file() or not any(target.iterdir()))):
+        raise FileExistsError(f"{target} exists and is not what this writes (no {marker} in it): "
+                              "choose another path, or remove it first")
     for stale in (staging, retired):  # left by a run killed mid-publish
+        if stale.exists() and not stale.is_dir():
+            raise FileExistsError(f"{stale} is a file where a working folder goes: move it away")
         shutil.rmtree(stale, ignore_errors=True)
     try:
         build(staging)

@@ -72,7 +72,7 @@ def write_pack(manifests: Sequence[Path], out_dir: Path, side: int, progress: bo
                       rows_skipped=dict(skipped))
         checkpoint.write_json(staging / PACK_MARKER, record)  # last: its presence means "complete"
 
-    checkpoint.publish_dir(out_dir, build)
+    checkpoint.publish_dir(out_dir, build, marker=PACK_MARKER)
     logger.info("packed %d images into %s (%d rejected)", record["images"], out_dir, len(record["rejected"]))
     return record
 

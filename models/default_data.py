@@ -138,6 +138,19 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def _refuse_foreign_folder(out_dir: Path) -> None:
+    """The data set is written into a folder of its own: one holding anything but what this module
+    writes (`--data-dir` pointed at a folder of photos, say) raises FileExistsError and is left alone,
+    where its own `train.jsonl` would have been overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file: the default data set is built in a folder")
+    ours = {*MANIFESTS, "emoji"}
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours) if out_dir.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"{out_dir} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
+                              "the default data set is built in a folder of its own; choose an empty or new one")
+
+
 def build_default_dataset(out_dir: Path, stamps_root: Path = STAMPS_ROOT, font: Path = EMOJI_FONT) -> Path:
     """Write the manifests; returns the training manifest. Raises FileNotFoundError naming the
     Debian package to install when a source is missing."""
@@ -145,6 +158,7 @@ def build_default_dataset(out_dir: Path, stamps_root: Path = STAMPS_ROOT, font: 
         raise FileNotFoundError(f"{stamps_root} not found: apt-get install tuxpaint-stamps-default")
     if not font.is_file():
         raise FileNotFoundError(f"{font} not found: apt-get install fonts-noto-color-emoji")
+    _refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps, missing = stamp_rows(stamps_root)
     emoji = emoji_rows(out_dir, font)

@@ -280,4 +280,4 @@ def export_default_model(trained_dir: Path, target: Path = DEFAULT_MODEL_DIR, da
         if data_dir is not None:
             attach_image_bank(staging, data_dir, None, device, progress)
 
-    return checkpoint.publish_dir(target, build)
+    return checkpoint.publish_dir(target, build, marker=checkpoint.CONFIG_NAME)

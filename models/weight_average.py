@@ -55,7 +55,7 @@ def average_model_dirs(sources: Sequence[Path], target: Path) -> Path:
         ]
         checkpoint.write_json(staging / checkpoint.CONFIG_NAME, config)
 
-    return checkpoint.publish_dir(target, build)
+    return checkpoint.publish_dir(target, build, marker=checkpoint.CONFIG_NAME)
 
 
 def _read(model_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

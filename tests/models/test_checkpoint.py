@@ -22,8 +22,8 @@ def _write(files: dict[str, str]):
 
 def test_publish_replaces_the_target_whole(tmp_path: Path) -> None:
     target = tmp_path / "model"
-    publish_dir(target, _write({"a.txt": "old", "only-in-old.txt": "x"}))
-    assert publish_dir(target, _write({"a.txt": "new"})) == target
+    publish_dir(target, _write({"a.txt": "old", "only-in-old.txt": "x"}), marker="a.txt")
+    assert publish_dir(target, _write({"a.txt": "new"}), marker="a.txt") == target
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
     assert (target / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folder left
@@ -31,14 +31,14 @@ def test_publish_replaces_the_target_whole(tmp_path: Path) -> None:
 
 def test_a_failing_build_leaves_the_target_as_it_was(tmp_path: Path) -> None:
     target = tmp_path / "model"
-    publish_dir(target, _write({"a.txt": "old"}))
+    publish_dir(target, _write({"a.txt": "old"}), marker="a.txt")
 
     def half_then_fail(staging: Path) -> None:
         _write({"a.txt": "half"})(staging)
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        publish_dir(target, half_then_fail)
+        publish_dir(target, half_then_fail, marker="a.txt")
     assert (target / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -48,7 +48,7 @@ def test_leftovers_of_a_killed_publish_are_cleared(tmp_path: Path) -> None:
     for stale in ("model.tmp", "model.old"):  # what a kill mid-publish can leave
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "junk.txt").write_text("junk")
-    publish_dir(target, _write({"a.txt": "new"}))
+    publish_dir(target, _write({"a.txt": "new"}), marker="a.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
 
@@ -70,8 +70,8 @@ def test_publish_without_an_atomic_exchange_falls_back_to_two_renames(
 ) -> None:
     monkeypatch.setattr(checkpoint, "exchange_dirs", lambda a, b: False)
     target = tmp_path / "model"
-    publish_dir(target, _write({"a.txt": "old"}))
-    publish_dir(target, _write({"a.txt": "new"}))
+    publish_dir(target, _write({"a.txt": "old"}), marker="a.txt")
+    publish_dir(target, _write({"a.txt": "new"}), marker="a.txt")
     assert (target / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -81,7 +81,7 @@ def test_replacing_a_directory_is_one_exchange_not_two_renames(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "model"
-    publish_dir(target, _write({"a.txt": "old"}))
+    publish_dir(target, _write({"a.txt": "old"}), marker="a.txt")
     renamed: list[str] = []
     real_rename = Path.rename
 
@@ -90,7 +90,29 @@ def test_replacing_a_directory_is_one_exchange_not_two_renames(
         return real_rename(self, to)
 
     monkeypatch.setattr(Path, "rename", watched_rename)
-    publish_dir(target, _write({"a.txt": "new"}))
+    publish_dir(target, _write({"a.txt": "new"}), marker="a.txt")
     assert renamed == []
     assert (target / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_only_a_directory_of_the_same_kind_is_replaced(tmp_path: Path) -> None:
+    """`clipsearch model --pack PATH` put a pack in the place of whatever PATH was: a file was moved
+    to PATH.tmp (and the next run then failed on it), a folder of photos would have been deleted."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for target in (photos, a_file):
+        with pytest.raises(FileExistsError, match=f"{target} exists and is not what this writes"):
+            publish_dir(target, _write({"a.txt": "new"}), marker="a.txt")
+    assert (photos / "holiday.jpg").read_bytes() == b"precious" and a_file.read_text() == "mine"
+    assert not (tmp_path / "photos.tmp").exists() and not (tmp_path / "notes.txt.tmp").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (publish_dir(empty, _write({"a.txt": "new"}), marker="a.txt") / "a.txt").read_text() == "new"
+    (tmp_path / "out.tmp").write_text("in the way")
+    with pytest.raises(FileExistsError, match="out.tmp is a file where a working folder goes"):
+        publish_dir(tmp_path / "out", _write({"a.txt": "new"}), marker="a.txt")
+    assert (tmp_path / "out.tmp").read_text() == "in the way"

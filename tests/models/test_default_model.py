@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def test_export_of_the_committed_model_gives_the_committed_model(default_encoder
     from models.default_model import export_default_model
 
     target = tmp_path / "default"
-    target.mkdir()
+    shutil.copytree(DEFAULT_MODEL_DIR, target)  # an older export: a model directory, replaced whole
     (target / "stale.txt").write_text("from an older export")
     assert export_default_model(DEFAULT_MODEL_DIR, target) == target
     assert not (target / "stale.txt").exists()

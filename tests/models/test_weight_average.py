@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def _model_dir(path: Path, seed: int, architecture: str = TINY) -> Path:
 
 def test_average_is_the_tensorwise_mean_and_loads(tmp_path: Path, sample_images) -> None:
     a, b = _model_dir(tmp_path / "a", seed=1), _model_dir(tmp_path / "b", seed=2)
-    (tmp_path / "avg").mkdir()
+    shutil.copytree(a, tmp_path / "avg")  # an earlier average: a model directory, replaced whole
     (tmp_path / "avg" / "stale.txt").write_text("from an earlier run")
     target = average_model_dirs([a, b], tmp_path / "avg")
 
