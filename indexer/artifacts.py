@@ -223,6 +223,15 @@ def writer_lock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(fp.fileno(), fcntl.LOCK_UN)
 
 
+def foreign_entries(out_dir: Path) -> list[str]:
+    """Names in `out_dir` that no indexing run writes (sorted): an index directory holds only
+    `current`, `versions/`, `work/`, `.lock` and a run's passing `.current.tmp` / `.trash-*`."""
+    if not out_dir.is_dir():
+        return []
+    ours = {CURRENT, VERSIONS, WORK, ".lock", f".{CURRENT}.tmp"}
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not p.name.startswith(".trash-"))
+
+
 def remove_dir(path: Path) -> None:
     """Remove a directory so that no reader ever sees it half deleted: rename it away in one step,
     then delete the renamed tree. A kill during the delete leaves only a `.trash-*` directory, which

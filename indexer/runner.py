@@ -59,6 +59,10 @@ class IndexConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"the index directory {self.out_dir} is a file, not a folder")
+        foreign = artifacts.foreign_entries(self.out_dir)
+        if foreign:  # runs prune OUT/versions and replace OUT/work: never in a folder of other things
+            raise ValueError(f"{self.out_dir} holds other things than an index ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}): index into a new or empty folder")
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if self.ray is not None and self.ray.actors < 1:

@@ -461,6 +461,7 @@ def test_a_run_that_rejects_every_input_publishes_nothing(tmp_path: Path, tiny_m
     (["--max-bytes", "-5"], "max_bytes must be at least 1, got -5: it would reject every image"),
     (["--backend", "ray", "--ray-actors", "0"], "ray actors must be at least 1, got 0"),
     (["--out", "{tmp}/afile"], "the index directory {tmp}/afile is a file, not a folder"),
+    (["--out", "{tmp}/data"], "{tmp}/data holds other things than an index (bad, red_circle, red_square)"),
 ])
 def test_settings_no_run_can_use_are_refused_before_the_model_loads(tmp_path: Path, monkeypatch, caplog,
                                                                      option: list[str], message: str) -> None:
@@ -488,7 +489,7 @@ def test_a_resumed_run_with_another_byte_limit_starts_afresh(tmp_path: Path, enc
 
     make_messy_folder(tmp_path / "data", good=2, bad=0)
     source = open_source(tmp_path / "data")
-    keys = [_run_key(source, encoder, IndexConfig(out_dir=tmp_path, limits=ImageLimits(max_bytes=n)), None)
+    keys = [_run_key(source, encoder, IndexConfig(out_dir=tmp_path / "index", limits=ImageLimits(max_bytes=n)), None)
             for n in (1000, 2000)]
     assert keys[0] != keys[1]
 
