@@ -379,12 +379,18 @@ def create_model(
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
     """Build a model from any supported source (see module docstring)."""
-    if str(model) == "default":
+    given = str(model)
+    if given == "default":
         model = DEFAULT_MODEL_DIR
     path = Path(model).expanduser()
-    if path.is_dir() and (path / checkpoint.CONFIG_NAME).is_file():
-        return load_model_dir(path, device)
     name = str(model)
+    is_model_dir = path.is_dir() and (path / checkpoint.CONFIG_NAME).is_file()
+    if pretrained is not None and (is_model_dir or name.startswith(("local-dir:", "hf-hub:"))):
+        # it was ignored: the weights came from the directory while the caller believed otherwise
+        raise ValueError(f"pretrained ({pretrained}) goes with an open_clip architecture name; {given} brings "
+                         "its own weights")
+    if is_model_dir:
+        return load_model_dir(path, device)
     _refuse_paths_that_are_not_model_dirs(name, path)
     if name.startswith(("local-dir:", "hf-hub:")):
         built = open_clip.create_model(name, device=device)

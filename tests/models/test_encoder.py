@@ -206,3 +206,12 @@ def test_what_is_not_a_text_or_an_image_is_refused_by_name(tiny_encoder, tmp_pat
         with pytest.raises(TypeError, match=r"encode_images takes PIL images, got \w+; decode files with "
                                             r"models.load_image\(path\)"):
             tiny_encoder.encode_images([item])
+
+
+def test_pretrained_with_a_model_that_brings_its_own_weights_is_refused(tmp_path: Path) -> None:
+    """load_encoder("default", "weights.pt") loaded the default model and ignored the file unsaid."""
+    with pytest.raises(ValueError, match=r"pretrained \(weights.pt\) goes with an open_clip architecture name; "
+                                         r"default brings its own weights"):
+        load_encoder("default", "weights.pt", device="cpu")
+    with pytest.raises(ValueError, match="local-dir:/m brings its own weights"):
+        load_encoder("local-dir:/m", "openai", device="cpu")
