@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.data import clean_caption, is_remote, manifest_columns, read_manifest_rows
+from models.data import caption_file, clean_caption, is_remote, manifest_columns, read_manifest_rows
 from models.images import IMAGE_SUFFIXES
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
@@ -55,9 +55,9 @@ def read_folder(folder: Path) -> Source:
     root = folder.resolve()
     records = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        text_file = path.with_suffix(".txt")
+        text_file = caption_file(path)
         caption = ""
-        if text_file.is_file():
+        if text_file is not None:
             caption = clean_caption(text_file.read_text(encoding="utf-8", errors="replace"))
         records.append(Record(_relative(path, root), path, caption))
     return Source(root, "folder", records)

@@ -140,13 +140,21 @@ def read_manifest(
     return result
 
 
+def caption_file(image: Path) -> Path | None:
+    """The image's same-name caption file, `.txt` or `.TXT` (datasets made on Windows), if any."""
+    for suffix in (".txt", ".TXT"):
+        if (text_file := image.with_suffix(suffix)).is_file():
+            return text_file
+    return None
+
+
 def read_captioned_folder(folder: Path) -> PairSet:
     """Every image under `folder` (recursive) whose same-name `.txt` has a non-empty first line."""
     root = folder.resolve()
     result = PairSet(pairs=[], root=root)
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        text_file = image.with_suffix(".txt")
-        if not text_file.is_file():
+        text_file = caption_file(image)
+        if text_file is None:
             result.skipped["missing_caption"] += 1
             continue
         caption = clean_caption(text_file.read_text(encoding="utf-8", errors="replace"))

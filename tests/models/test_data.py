@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.data import read_pairs, split_pairs
+from models.data import caption_file, read_pairs, split_pairs
 from models.evaluate import held_out_only
 
 
@@ -150,3 +150,16 @@ def test_a_training_manifest_counts_urls_apart(tmp_path: Path) -> None:
     assert [p.caption for p in pairs.pairs] == ["a dog", "a bird"]  # "C:" is a drive letter, not a scheme
     assert pairs.skipped == {"remote_url": 1}
 
+
+
+def test_a_caption_file_may_be_named_in_capitals(tmp_path: Path) -> None:
+    """`B.png` with `B.TXT` (a dataset made on Windows) counted as "missing_caption". The indexer's
+    folder reader takes its captions through the same `caption_file`."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a cat\n")
+    (tmp_path / "b.TXT").write_text("a dog\n")
+    assert sorted(p.caption for p in read_pairs(tmp_path).pairs) == ["a cat", "a dog"]
+    assert caption_file(tmp_path / "b.png") == tmp_path / "b.TXT" and caption_file(tmp_path / "c.png") is None
