@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # a ValueError too, but its text is four lines and a URL per field
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"])
-            logging.getLogger("clipsearch").error("invalid setting %s (a flag, or CLIPSEARCH_%s): %s, got %r",
-                                                  name, name.upper(), error["msg"], error.get("input"))
+            given = "(not shown)" if "key" in name else repr(error.get("input"))  # never log a secret
+            logging.getLogger("clipsearch").error("invalid setting %s (a flag, or CLIPSEARCH_%s): %s, got %s",
+                                                  name, name.upper(), error["msg"], given)
         return 2
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         # OSError: a path that is a file where a folder is wanted, no permission, a full disk: the

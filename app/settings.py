@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -32,10 +34,26 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(10_000, ge=1, description="longest query text")
     max_batch_inputs: int = Field(256, ge=1, description="most inputs in one embed request")
 
-    api_keys: list[str] = Field(default_factory=list, description="accepted API keys; empty: no auth")
-    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                      description="accepted API keys; empty: no auth")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins")
     reload_interval_s: float = Field(2.0, ge=0, description="index hot-reload poll period; 0 disables")
     keep_alive_s: int = Field(75, ge=1, description="idle keep-alive, longer than the proxy's upstream one")
     drain_s: float = Field(2.0, ge=0, description="after SIGTERM: seconds of serving while /readyz says 503, "
                            "before the listener closes (keep under the orchestrator's grace period)")
     thumbnail_size: int = Field(256, ge=16, le=1024)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        """A list from the environment as a JSON list ('["k1", "k2"]') or comma-separated (k1,k2):
+        a bare key was "error parsing value for field api_keys", with no word on the format wanted."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list ({exc.msg}); or give the items comma-separated") from None
+        return [item.strip() for item in text.split(",") if item.strip()]

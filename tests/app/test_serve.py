@@ -92,3 +92,27 @@ def test_serve_settings_out_of_range_are_one_line_each(tmp_path: Path, caplog: p
     assert main(["serve", "--index", str(tmp_path), *flags]) == 2
     assert message in caplog.text
     assert "errors.pydantic.dev" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("k1", ["k1"]), ("k1, k2 ,", ["k1", "k2"]), ('["k1", "k2"]', ["k1", "k2"]), ("", []),
+])
+def test_list_settings_take_json_or_comma_separated_text(monkeypatch: pytest.MonkeyPatch, text: str,
+                                                         expected: list[str]) -> None:
+    """CLIPSEARCH_API_KEYS=k1 was 'error parsing value for field "api_keys"', with no word on the format."""
+    from app.settings import Settings
+
+    monkeypatch.setenv("CLIPSEARCH_API_KEYS", text)
+    monkeypatch.setenv("CLIPSEARCH_CORS_ORIGINS", text)
+    settings = Settings()
+    assert settings.api_keys == expected and settings.cors_origins == expected
+
+
+def test_a_bad_key_list_is_named_without_showing_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from app.cli import main
+
+    monkeypatch.setenv("CLIPSEARCH_API_KEYS", '["secret-k1", ')
+    assert main(["serve", "--index", str(tmp_path)]) == 2
+    assert "invalid setting api_keys (a flag, or CLIPSEARCH_API_KEYS): Value error, not a JSON list" in caplog.text
+    assert "secret-k1" not in caplog.text
