@@ -47,6 +47,10 @@ MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
 WORK = "work"
+# Everything an index directory holds besides `.trash-*` (see `remove_dir`): runs refuse a folder
+# with anything else in it, as they prune `versions/` and replace `work/`.
+INDEX_ENTRIES = frozenset({CURRENT, VERSIONS, WORK, ".lock", f".{CURRENT}.tmp"})
+TRASH_PREFIX = ".trash-"
 FILES = ("embeddings.npy", "metadata.jsonl", "image.faiss", "texts.jsonl", "text_embeddings.npy",
          "text.faiss", "rejects.jsonl")
 
@@ -223,15 +227,6 @@ def writer_lock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(fp.fileno(), fcntl.LOCK_UN)
 
 
-def foreign_entries(out_dir: Path) -> list[str]:
-    """Names in `out_dir` that no indexing run writes (sorted): an index directory holds only
-    `current`, `versions/`, `work/`, `.lock` and a run's passing `.current.tmp` / `.trash-*`."""
-    if not out_dir.is_dir():
-        return []
-    ours = {CURRENT, VERSIONS, WORK, ".lock", f".{CURRENT}.tmp"}
-    return sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not p.name.startswith(".trash-"))
-
-
 def remove_dir(path: Path) -> None:
     """Remove a directory so that no reader ever sees it half deleted: rename it away in one step,
     then delete the renamed tree. A kill during the delete leaves only a `.trash-*` directory, which
@@ -239,7 +234,7 @@ def remove_dir(path: Path) -> None:
     directory whose shard index survived its vectors, and the next run failed on it.)"""
     if not path.exists():
         return
-    trash = path.parent / f".trash-{path.name}-{os.urandom(4).hex()}"
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}-{os.urandom(4).hex()}"
     os.replace(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
@@ -248,7 +243,7 @@ def remove_dir(path: Path) -> None:
 def sweep_trash(directory: Path) -> None:
     """Finish the removals a killed run left behind (see `remove_dir`)."""
     if directory.is_dir():
-        for trash in directory.glob(".trash-*"):
+        for trash in directory.glob(f"{TRASH_PREFIX}*"):
             shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,17 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a file system without it
         return False
     raise OSError(error, os.strerror(error), str(a), None, str(b))
+
+
+def foreign_entries(folder: Path, ours: Collection[str], passing_prefix: str | None = None) -> str:
+    """The names in `folder` that its writer does not write (not in `ours`, nor starting with
+    `passing_prefix`), sorted and shortened for a message ("a, b, c, ..."); '' when there are none
+    or no folder. Writers that prune or replace what they find call it before touching anything."""
+    if not folder.is_dir():
+        return ""
+    names = sorted(p.name for p in folder.iterdir()
+                   if p.name not in ours and not (passing_prefix and p.name.startswith(passing_prefix)))
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def publish_dir(target: Path, build: Callable[[Path], object], marker: str) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from models.checkpoint import foreign_entries
 from models.data import clean_caption
 
 logger = logging.getLogger(__name__)
@@ -144,11 +145,10 @@ def _refuse_foreign_folder(out_dir: Path) -> None:
     where its own `train.jsonl` would have been overwritten."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file: the default data set is built in a folder")
-    ours = {*MANIFESTS, "emoji"}
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours) if out_dir.is_dir() else []
+    foreign = foreign_entries(out_dir, {*MANIFESTS, "emoji"})
     if foreign:
-        raise FileExistsError(f"{out_dir} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
-                              "the default data set is built in a folder of its own; choose an empty or new one")
+        raise FileExistsError(f"{out_dir} holds other files ({foreign}): the default data set is built in a "
+                              "folder of its own; choose an empty or new one")
 
 
 def build_default_dataset(out_dir: Path, stamps_root: Path = STAMPS_ROOT, font: Path = EMOJI_FONT) -> Path:
