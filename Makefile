@@ -49,11 +49,11 @@ model: install ## retrain the embedded default model from scratch (47-93 min mea
 
 train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch]
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path OUT=dir [MODEL=arch-or-dir]"; exit 2; }
-	$(CLI) train $(DATA) --out $(or $(OUT),runs/train) --model $(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))
+	$(CLI) train "$(DATA)" --out "$(or $(OUT),runs/train)" --model "$(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))"
 
 eval: install ## Recall@K: make eval DATA=manifest-or-folder [MODEL=default]
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=path [MODEL=...]"; exit 2; }
-	$(CLI) eval $(DATA) --model $(MODEL)
+	$(CLI) eval "$(DATA)" --model "$(MODEL)"
 
 pack: install ## the default model's data as a portable 14 MB folder, build/default-pack (train with clipsearch model --data-dir build/default-pack)
 	$(CLI) model --pack build/default-pack --quiet
@@ -64,13 +64,13 @@ eval-default: install ## the default model's held-out Recall@K as the README rep
 
 index: install ## build a FAISS index: make index DATA=folder-or-manifest [OUT=indexes/default] [MODEL=default]
 	@test -n "$(DATA)" || { echo "usage: make index DATA=path [OUT=dir] [MODEL=...]"; exit 2; }
-	$(CLI) index $(DATA) --out $(or $(OUT),indexes/default) --model $(MODEL)
+	$(CLI) index "$(DATA)" --out "$(or $(OUT),indexes/default)" --model "$(MODEL)"
 
 serve: install ## run the search service: make serve [INDEX=indexes/default] [PORT=8000]
-	$(CLI) serve --index $(or $(INDEX),indexes/default) --model $(MODEL) --port $(or $(PORT),8000)
+	$(CLI) serve --index "$(or $(INDEX),indexes/default)" --model "$(MODEL)" --port "$(or $(PORT),8000)"
 
 demo: install ## index the stamps gallery, start the server, show example queries (Ctrl-C stops)
-	$(CLI) demo --model $(MODEL) $(if $(PORT),--port $(PORT))
+	$(CLI) demo --model "$(MODEL)" $(if $(PORT),--port "$(PORT)")
 
 BENCH_PORT ?= 8077
 # load-generator processes for the 32-client run (one tops out near 260 requests/s on a fast machine)
