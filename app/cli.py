@@ -14,6 +14,7 @@ import sys
 from pydantic import ValidationError
 
 from app import bench, demo, lbtest, serve
+from app.errors import error_field, error_message
 from indexer import cli as index_cli
 from models import cli as model_cli
 
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except ValidationError as exc:  # a ValueError too, but its text is four lines and a URL per field
         for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"])
+            name = error_field(error)
             given = "(not shown)" if "key" in name else repr(error.get("input"))  # never log a secret
             logging.getLogger("clipsearch").error("invalid setting %s (a flag, or CLIPSEARCH_%s): %s, got %s",
-                                                  name, name.upper(), error["msg"], given)
+                                                  name, name.upper(), error_message(error), given)
         return 2
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         # OSError: a path that is a file where a folder is wanted, no permission, a full disk: the

@@ -7,6 +7,7 @@ the field, never echo the input (a query text or a base64 image) and never carry
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -95,12 +96,20 @@ def error_body(type_: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message}}
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
+def error_field(error: Mapping[str, Any]) -> str:
+    """Where a pydantic error is: `terms.0.text`, `body` for the body as a whole."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+
+
+def error_message(error: Mapping[str, Any]) -> str:
+    """What a pydantic error says. Our validators' messages are sentences of their own: pydantic's
+    "Value error, " before them is dropped."""
+    return str(error.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+def validation_message(errors: Iterable[Mapping[str, Any]], limit: int = 5) -> str:
+    """pydantic errors as one line, `field: message; ...`, the first `limit` of them."""
+    return "; ".join(f"{error_field(e)}: {error_message(e)}" for e in list(errors)[:limit])
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -113,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes the offending input back (a whole base64 image, say): not ours.
-        return JSONResponse(error_body("validation_error", _validation_message(exc)), 422)
+        return JSONResponse(error_body("validation_error", validation_message(exc.errors())), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_K = 1000
+
+
+def _not_blank(text: str) -> str:
+    # a search box sent with only spaces: the model would embed it, and every answer would be noise
+    if not text.strip():
+        raise ValueError("the text is blank (only whitespace)")
+    return text
+
+
+# a query text: at least one character that is not whitespace
+QueryText = Annotated[str, AfterValidator(_not_blank)]
 
 
 class FilterSpec(BaseModel):
@@ -37,7 +48,7 @@ class SearchOptions(BaseModel):
 
 
 class TextSearchRequest(SearchOptions):
-    query: str = Field(min_length=1, max_length=10_000, examples=["a bird"])
+    query: QueryText = Field(min_length=1, max_length=10_000, examples=["a bird"])
 
 
 class ImageSearchRequest(SearchOptions):
@@ -58,7 +69,7 @@ class QueryTerm(BaseModel):
     """One weighted part of a composed query: a text, a base64 image or an indexed item's id."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, min_length=1, max_length=10_000)
+    text: QueryText | None = Field(None, min_length=1, max_length=10_000)
     image_base64: str | None = None
     id: int | None = Field(None, ge=0)
     weight: float = Field(1.0, ge=-10.0, le=10.0)

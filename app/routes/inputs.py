@@ -11,7 +11,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.errors import BodyTooLarge, InvalidInput, UnsupportedMediaType, ValidationFailed
+from app.errors import BodyTooLarge, InvalidInput, UnsupportedMediaType, ValidationFailed, validation_message
 
 MULTIPART_FIELDS_LIMIT = 32
 
@@ -29,8 +29,7 @@ def decode_base64(text: str, field: str = "image_base64") -> bytes:
 
 
 def _validation_error(exc: ValidationError) -> ValidationFailed:
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]]
-    return ValidationFailed("; ".join(parts))
+    return ValidationFailed(validation_message(exc.errors()))
 
 
 def parse_model(model: type[BaseModel], data: Any) -> Any:

@@ -241,6 +241,12 @@ async def test_malformed_requests(index_dir, app_encoder) -> None:
         _assert_error(await client.post("/v1/search/text", content=b"{not json", headers=headers), 422)
         _assert_error(await client.post("/v1/search/text", json={"query": 5}), 422)
         _assert_error(await client.post("/v1/search/text", json={"query": "x" * 20_000}), 422)
+        for blank in ("   ", "\t\n"):  # a search box sent with spaces only: refused, saying why
+            error = _assert_error(await client.post("/v1/search/text", json={"query": blank}), 422)
+            assert error["message"] == "query: the text is blank (only whitespace)"
+            error = _assert_error(await client.post("/v1/search", json={"terms": [{"text": blank}]}), 422)
+            assert "blank" in error["message"]
+        assert (await client.post("/v1/search/text", json={"query": " a bird "})).status_code == 200
         secret = "U0VDUkVUSU1BR0U=" * 100
         response = await client.post("/v1/search/image", json={"image_base64": secret + "!!"})
         _assert_error(response, 400, "invalid_input")

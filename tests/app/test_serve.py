@@ -114,5 +114,5 @@ def test_a_bad_key_list_is_named_without_showing_the_keys(tmp_path: Path, monkey
 
     monkeypatch.setenv("CLIPSEARCH_API_KEYS", '["secret-k1", ')
     assert main(["serve", "--index", str(tmp_path)]) == 2
-    assert "invalid setting api_keys (a flag, or CLIPSEARCH_API_KEYS): Value error, not a JSON list" in caplog.text
+    assert "invalid setting api_keys (a flag, or CLIPSEARCH_API_KEYS): not a JSON list" in caplog.text
     assert "secret-k1" not in caplog.text
