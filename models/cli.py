@@ -148,16 +148,23 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from models.encoder import load_encoder
     from models.evaluate import evaluate, held_out_only
+    from models.leakage import copies_across_split, warn_copies
 
     if args.json:  # its folder made now: a path that cannot be written fails before the minutes of scoring
         args.json.parent.mkdir(parents=True, exist_ok=True)
     pair_set = _read_pairs(args)
+    extra: dict[str, object] = {}
     if args.held_out is not None:
-        pair_set = held_out_only(pair_set, args.held_out, args.seed)
+        everything = pair_set
+        pair_set = held_out_only(everything, args.held_out, args.seed)
+        held = {p.image for p in pair_set.pairs}
+        copies = copies_across_split([p.image for p in everything.pairs if p.image not in held], held)
+        warn_copies(copies, len(held))
+        extra["held_out_copies"] = len(copies)
     encoder = load_encoder(args.model, args.pretrained, device=args.device, caption_bank=not args.no_caption_bank,
                            image_bank=not args.no_image_bank)
     report = evaluate(encoder, pair_set, progress=not args.quiet)
-    result = {"model": str(encoder.fingerprint), **report.as_dict()}
+    result = {"model": str(encoder.fingerprint), **report.as_dict(), **extra}
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

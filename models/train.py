@@ -32,6 +32,7 @@ from models.config import TrainConfig
 from models.data import Pair, PairSet, split_pairs
 from models.distill import Teacher
 from models.encoder import LoadedModel, resolve_device, state_digest
+from models.leakage import copies_across_split, warn_copies
 from models.loss import (
     caption_bank_loss,
     clip_loss,
@@ -153,6 +154,8 @@ class Trainer:
                              f"{len(held_pairs)} usable pairs; lower it")
         self.train_examples = Examples.from_pairs(train_pairs)
         self.held_examples = Examples.from_pairs(held_pairs)
+        self.held_out_copies = copies_across_split(self.train_examples.images, self.held_examples.images)
+        warn_copies(self.held_out_copies, len(self.held_examples.images))
         self.train_cache = [cache[p] for p in self.train_examples.images]
         self.held_cache = [cache[p] for p in self.held_examples.images]
         lock_towers(self.model, config.lock_text, config.lock_image)
@@ -423,6 +426,8 @@ class Trainer:
                 "epochs": self.metrics,
                 "train_pairs": len(self.train_examples.pairs),
                 "held_out_pairs": len(self.held_examples.pairs),
+                # held-out images with a byte-identical training image: their recall is not a test
+                "held_out_copies": [[str(held), str(train)] for held, train in self.held_out_copies],
                 "skipped": dict(self.skipped),
                 "config": json.loads(json.dumps(asdict(self.config), default=str)),
             },
