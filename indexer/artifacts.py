@@ -21,15 +21,13 @@ indexes; nothing is ever rewritten in place (a server may have the old files map
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from models import folder_lock
 from models.checkpoint import fsync_dir
 from models.encoder import ModelFingerprint
 
@@ -49,7 +48,7 @@ VERSIONS = "versions"
 WORK = "work"
 # Everything an index directory holds besides `.trash-*` (see `remove_dir`): runs refuse a folder
 # with anything else in it, as they prune `versions/` and replace `work/`.
-INDEX_ENTRIES = frozenset({CURRENT, VERSIONS, WORK, ".lock", f".{CURRENT}.tmp"})
+INDEX_ENTRIES = frozenset({CURRENT, VERSIONS, WORK, folder_lock.LOCK_NAME, f".{CURRENT}.tmp"})
 TRASH_PREFIX = ".trash-"
 FILES = ("embeddings.npy", "metadata.jsonl", "image.faiss", "texts.jsonl", "text_embeddings.npy",
          "text.faiss", "rejects.jsonl")
@@ -59,8 +58,9 @@ class InvalidIndex(ValueError):
     """An index directory that is missing, incomplete, corrupt or of an unknown format."""
 
 
-class IndexBusy(RuntimeError):
-    """Another indexer is writing the same index directory."""
+# Another indexer is writing the same index directory (the name indexer callers know it by).
+IndexBusy = folder_lock.FolderBusy
+INDEX_WRITER = "indexer is writing this index"
 
 
 def file_digest(path: Path) -> str:
@@ -198,33 +198,13 @@ def finish_version(version_dir: Path, manifest: dict[str, Any]) -> None:
 def ensure_not_busy(out_dir: Path) -> None:
     """Raise `IndexBusy` now if another indexer holds `out_dir`. Front ends call this before the
     model load (seconds) so a refused run is refused at once; the run still takes the lock itself."""
-    if (out_dir / ".lock").exists():
-        with writer_lock(out_dir):
-            pass
+    folder_lock.ensure_not_busy(out_dir, INDEX_WRITER)
 
 
-@contextmanager
-def writer_lock(out_dir: Path) -> Iterator[None]:
-    """Hold `OUT/.lock` for one indexing run. Two runs on one directory would share (and wreck)
-    its work shards; the second is refused at once. The kernel drops the lock when its holder dies,
-    so a `kill -9` never leaves a stale lock behind."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / ".lock").open("a+") as fp:
-        try:
-            fcntl.flock(fp.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fp.seek(0)
-            holder = fp.read().strip() or "unknown"
-            raise IndexBusy(f"{out_dir}: another indexer is writing this index (pid {holder}); "
-                            "wait for it to finish") from None
-        fp.seek(0)
-        fp.truncate()
-        fp.write(str(os.getpid()))
-        fp.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fp.fileno(), fcntl.LOCK_UN)
+def writer_lock(out_dir: Path) -> AbstractContextManager[None]:
+    """Hold `OUT/.lock` for one indexing run (`models.folder_lock`). Two runs on one directory would
+    share (and wreck) its work shards; the second is refused at once with `IndexBusy`."""
+    return folder_lock.folder_lock(out_dir, INDEX_WRITER)
 
 
 def remove_dir(path: Path) -> None:

@@ -173,7 +173,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from models.default_model import checked_changes, export_default_model, train_default_model
+    from models.default_model import RECIPE_WRITER, checked_changes, export_default_model, train_default_model
+    from models.folder_lock import folder_lock
 
     if args.pack or args.image_bank or args.data_only:
         return _model_without_training(args)
@@ -194,20 +195,24 @@ def _model(args: argparse.Namespace) -> int:
     inner = args.inner_split
     run_dir = args.run_dir or (Path("runs/default") if inner is None else Path(f"runs/inner-{inner}"))
     exporting = inner is None and not args.no_export
-    trained = train_default_model(args.data_dir, run_dir, epochs=epochs, restart_epochs=restart_epochs,
-                                  progress=not args.quiet, precision=args.precision, device=args.device,
-                                  inner_split=inner, workers=args.workers, changes=changes,
-                                  image_bank=not exporting)  # the export builds the one it ships
-    logger.info("trained in %.1f min", (time.time() - started) / 60)
-    if inner is not None:  # an experiment: scored on its own held-out images, never exported
-        _report_inner_split(args, trained, run_dir, changes)
-        return 0
-    if args.no_export:
-        print(trained)
-        return 0
-    # The export stores the tower in float16: its image bank is built from those weights, the ones
-    # served, rather than from the float32 average (the committed bank was built so)
-    exported = export_default_model(trained, data_dir=args.data_dir, device=args.device, progress=not args.quiet)
+    # held from the data set to the export: a second `make model` (another terminal) is refused at
+    # once instead of resuming this run's checkpoints beside it
+    with folder_lock(run_dir, RECIPE_WRITER, reentrant=True):
+        trained = train_default_model(args.data_dir, run_dir, epochs=epochs, restart_epochs=restart_epochs,
+                                      progress=not args.quiet, precision=args.precision, device=args.device,
+                                      inner_split=inner, workers=args.workers, changes=changes,
+                                      image_bank=not exporting)  # the export builds the one it ships
+        logger.info("trained in %.1f min", (time.time() - started) / 60)
+        if inner is not None:  # an experiment: scored on its own held-out images, never exported
+            _report_inner_split(args, trained, run_dir, changes)
+            return 0
+        if args.no_export:
+            print(trained)
+            return 0
+        # The export stores the tower in float16: its image bank is built from those weights, the ones
+        # served, rather than from the float32 average (the committed bank was built so)
+        exported = export_default_model(trained, data_dir=args.data_dir, device=args.device,
+                                        progress=not args.quiet)
     print(exported)
     return 0
 

@@ -27,6 +27,7 @@ from models.data_pack import is_pack, read_pack_record, write_pack
 from models.default_data import MANIFESTS, build_default_dataset
 from models.encoder import DEFAULT_MODEL_DIR, create_model, load_encoder, load_model_dir
 from models.evaluate import EvalReport, evaluate, held_out_only
+from models.folder_lock import folder_lock
 from models.image_bank import CONFIG_KEY as IMAGE_BANK_KEY
 from models.image_bank import build_image_bank
 from models.registry import get_model_config
@@ -47,6 +48,7 @@ DEFAULT_EPOCHS = 240
 # text -> image R@10 but cost image -> text; the average kept both.
 RESTART_EPOCHS = 120
 RESTART_LR = 1e-3
+RECIPE_WRITER = "clipsearch model is training the recipe in this run folder"
 # Each image embedding is mixed with its 50 nearest training captions (see models.caption_bank).
 # Chosen on an inner split of the training images (a model trained on the rest), never on the
 # held-out images that the README's recall is measured on.
@@ -181,12 +183,21 @@ def train_default_model(
     of it by seed S: the experiment protocol of the README's table (`inner_split_report` scores it).
     `changes`: settings of `RECIPE_CHANGES` to change in both cycles (an experiment).
     """
-    import open_clip
 
     if inner_split is not None and inner_split < 1:
         # seed 0 draws the recipe's own held-out split: on the training side it would hold out nothing
         raise ValueError(f"an inner split needs a seed of 1 or more, got {inner_split}")
     changes = checked_changes(changes or {})
+    with folder_lock(run_dir, RECIPE_WRITER, reentrant=True):  # both cycles, the average and the bank: one writer
+        return _train_recipe(data_dir, run_dir, epochs, restart_epochs, progress, precision, device,
+                             inner_split, workers, changes, image_bank)
+
+
+def _train_recipe(data_dir: Path, run_dir: Path, epochs: int, restart_epochs: int, progress: bool,
+                  precision: str, device: str, inner_split: int | None, workers: int,
+                  changes: dict[str, Any], image_bank: bool) -> Path:
+    import open_clip
+
     lr_scale = changes.pop("lr_scale", 1.0)
     split = 0 if inner_split is None else inner_split
     # The recipe draws its initial weights from seed 0 and the rest of its randomness (order, augmentation)

@@ -32,6 +32,7 @@ from models.config import TrainConfig
 from models.data import Pair, PairSet, split_pairs
 from models.distill import Teacher
 from models.encoder import LoadedModel, resolve_device, state_digest
+from models.folder_lock import ensure_not_busy, folder_lock
 from models.leakage import copies_across_split, warn_copies
 from models.loss import (
     caption_bank_loss,
@@ -120,6 +121,9 @@ class _Progress:
     loss_count: int = 0
 
 
+RUN_WRITER = "training run is writing this run folder"
+
+
 class Trainer:
     """One training run: owns the model, the data, the optimizer and the run directory."""
 
@@ -131,6 +135,8 @@ class Trainer:
         config: TrainConfig,
         preprocess_overrides: dict[str, Any] | None = None,
     ) -> None:
+        # before any work: a second run into a folder a live run is writing is refused at once
+        ensure_not_busy(config.output_dir, RUN_WRITER, reentrant=True)
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.config = config
@@ -440,6 +446,12 @@ class Trainer:
         np.random.seed(seed)
 
     def run(self) -> TrainResult:
+        """Train to the end (resuming from the run folder's last checkpoint) and save the model. The
+        run folder is locked meanwhile: a second trainer there would interleave its checkpoints."""
+        with folder_lock(self.config.output_dir, RUN_WRITER, reentrant=True):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         if not self.try_resume():
             self._seed()  # a fresh run; a resumed one restored the RNG states of its checkpoint
         self.bank = (
