@@ -77,10 +77,13 @@ BENCH_PORT ?= 8077
 BENCH_PROCESSES ?= 1
 OVERLOAD_PORT ?= 8078
 # $(call with_server,PORT,LOG[,ENV]) COMMAND: serve build/bench-index on PORT (stopped when the line
-# ends), wait until it is ready, then run COMMAND against it
+# ends), wait until it is ready, then run COMMAND against it. A server that exits (a taken port)
+# stops the target with its log's end, rather than letting COMMAND measure whatever else answers there
 with_server = $(3) $(CLI) serve --index build/bench-index --port $(1) > $(2) 2>&1 & pid=$$!; \
 	trap "kill $$pid 2>/dev/null" EXIT; \
-	for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(1)/readyz >/dev/null && break; sleep 0.5; done;
+	for i in $$(seq 1 120); do \
+		kill -0 $$pid 2>/dev/null || { echo "the server on port $(1) did not start ($(2)):"; tail -3 $(2); exit 1; }; \
+		curl -sf http://127.0.0.1:$(1)/readyz >/dev/null && break; sleep 0.5; done;
 
 bench: install ## measure: indexing images/s, QPS/latency under 32 clients [BENCH_PROCESSES=n], then overload shedding + recovery (stamps gallery)
 	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2

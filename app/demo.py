@@ -93,6 +93,7 @@ def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> 
 def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries: Sequence[str], k: int,
              markdown: bool, serve: bool) -> int:
     from app.lbtest import wait_http
+    from app.listen import ensure_can_listen
     from app.main import create_app
     from app.settings import Settings
     from indexer.reader import open_source
@@ -101,6 +102,9 @@ def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries
 
     if not gallery.is_dir():
         raise FileNotFoundError(f"{gallery} not found: apt-get install tuxpaint-stamps-default (make install does)")
+    # before the indexing: a port taken by another server (a `make serve` left running) failed only
+    # after it, then waited two minutes on whatever answered there
+    ensure_can_listen(host, port)
     encoder = load_encoder(model)
     summary = run_index(open_source(gallery), encoder, IndexConfig(out_dir=out, progress=not markdown))
     if not markdown:
@@ -109,7 +113,7 @@ def run_demo(model: str, gallery: Path, out: Path, host: str, port: int, queries
     server, thread = _start_server(create_app(settings, encoder=encoder), host, port)
     base = f"http://{host}:{port}"
     try:
-        wait_http(f"{base}/readyz", 120)
+        wait_http(f"{base}/readyz", 120, thread=thread)  # a server that could not start ends its thread
         print(show_examples(base, queries, k, markdown))
         if serve:
             print(f"\nSearch page: {base}/   API docs: {base}/docs   (Ctrl-C to stop)")

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,15 +55,18 @@ class Replica:
             raise RuntimeError("\n".join([f"replica :{self.port}: {exc}; the end of its log:", *tail])) from None
 
 
-def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll `url` until it answers 200; RuntimeError after `timeout_s`, or as soon as `process`
-    (the server behind `url`, when given) has exited."""
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
+              thread: threading.Thread | None = None) -> None:
+    """Poll `url` until it answers 200; RuntimeError after `timeout_s`, or as soon as the server
+    behind `url`, when given (its `process`, or the `thread` it runs in), has ended."""
     import httpx
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode} before {url} answered 200")
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError(f"the server stopped before {url} answered 200 (its log says why)")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return

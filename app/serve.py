@@ -15,6 +15,7 @@ from uvicorn.server import Server
 from uvicorn.supervisors.multiprocess import Process
 
 from app import lifecycle
+from app.listen import ensure_can_listen
 
 WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering its supervisor
 
@@ -60,6 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
                                    "port": args.port, "workers": args.workers, "device": args.device}.items()
                  if v is not None}
     settings = Settings(**overrides)  # flags win over the environment
+    ensure_can_listen(settings.host, settings.port)  # now, not after the model load
     common: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "timeout_keep_alive": settings.keep_alive_s,
         "log_level": "info", "log_config": log_config(), "http": IMPORT_STRING,

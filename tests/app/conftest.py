@@ -6,7 +6,7 @@ import contextlib
 import io
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -91,3 +91,12 @@ def live_server(index_dir: Path, app_encoder):
     yield base
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture()
+def taken_port() -> Iterator[int]:
+    """A loopback port another server listens on while the test runs."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]

@@ -92,3 +92,38 @@ def test_demo_passes_on_the_servers_refusal(shapes_folder: Path, tmp_path: Path)
                                          r"than or equal to 1000"):
         run_demo(*args, k=5000, markdown=False, serve=False)
 
+
+
+def test_demo_on_a_taken_port_fails_at_once(shapes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture, taken_port: int) -> None:
+    """A `make serve` left running on the port: the demo indexed the gallery, its own server then
+    failed to bind, and it waited two minutes on the other server before a misleading error."""
+    import models.encoder
+    from app.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a demo that had to be refused")
+
+    monkeypatch.setattr(models.encoder, "load_encoder", no_load)
+    code = main(["demo", "--no-serve", "--gallery", str(shapes_folder), "--out", str(tmp_path / "index"),
+                 "--port", str(taken_port)])
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use; another server is listening there" \
+        in caplog.text
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_demo_server_that_dies_is_noticed_at_once(tmp_path: Path) -> None:
+    """The wait for /readyz ends as soon as the server's thread has ended, not after its timeout."""
+    import threading
+    import time
+
+    from app.lbtest import wait_http
+
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the server stopped before"):
+        wait_http(f"http://127.0.0.1:{free_port_block(1)}/readyz", 60, thread=ended)
+    assert time.monotonic() - started < 30

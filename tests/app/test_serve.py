@@ -77,6 +77,23 @@ def test_serve_with_an_unknown_device_exits_with_one_clear_line(tmp_path: Path) 
     assert "Traceback" not in done.stderr
 
 
+def test_serve_on_a_taken_port_is_refused_before_the_model_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  taken_port: int) -> None:
+    """uvicorn binds after the app's startup: a taken port was reported only after the model load."""
+    import app.main
+    from app.cli import main
+
+    def no_app(*args, **kwargs):
+        raise AssertionError("the app was built for a server that had to be refused")
+
+    monkeypatch.setattr(app.main, "create_app", no_app)
+    for workers in ("1", "2"):
+        assert main(["serve", "--index", str(tmp_path), "--port", str(taken_port), "--workers", workers]) == 2
+        assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in caplog.text
+        caplog.clear()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--port", "70000"], "invalid setting port (a flag, or CLIPSEARCH_PORT): Input should be less than or equal "
                           "to 65535, got 70000"),
