@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -120,10 +120,6 @@ def settle_without_file(record: Record) -> Outcome | None:
     return None
 
 
-def _prepare(record: Record, preprocess: Callable[[Any], torch.Tensor], limits: ImageLimits,
-             known: Callable[[str], bool]) -> tuple[Record, Prepared]:
-    assert record.path is not None
-    return record, prepare_file(record.path, preprocess, limits, known)
 
 
 def resolve(record: Record, sha: str, rejection: ImageRejected | None, fresh: bool, seen: dict[str, str],
@@ -148,15 +144,16 @@ def resolve(record: Record, sha: str, rejection: ImageRejected | None, fresh: bo
     return None
 
 
-Work = tuple[Record, Prepared]
+Work = tuple[int, Record, Prepared]  # a record's position in the input, the record, what reading it gave
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def _ordered(pool: ThreadPoolExecutor, work: Callable[[Record], Work], records: Iterable[Record],
-             window: int) -> Iterator[Work]:
+def _ordered(pool: ThreadPoolExecutor, work: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
     """`pool.map` with at most `window` items in flight, so memory stays bounded on huge inputs."""
-    pending: deque[Future[Work]] = deque()
-    for record in records:
-        pending.append(pool.submit(work, record))
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
         if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
@@ -192,14 +189,18 @@ class Embedder:
                 ready[position] = Outcome(record, "embedded", p.sha256, p.width, p.height, vector)
             batch.clear()
 
-        def work(record: Record) -> Work:
-            return _prepare(record, self.encoder.preprocess, self.limits, self._known)
+        def work(item: tuple[int, Record]) -> Work:
+            position, record = item
+            assert record.path is not None  # `_with_paths` passes on only records that name a file
+            return position, record, prepare_file(record.path, self.encoder.preprocess, self.limits, self._known)
 
+        # Each record carries its position from the input on: records settled without a file (a URL,
+        # a label) are put in `ready` ahead of the reading, and a count kept here would drift from the
+        # input's whenever one of them had already been handed on (a good image then took the place of
+        # a rejected one, and was never handed on itself).
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            position = 0
-            for record, prepared in _ordered(pool, work, self._with_paths(records, ready), self.batch_size * 4):
-                while position in ready:  # rows that needed no reading (text, bad rows)
-                    position += 1
+            for position, record, prepared in _ordered(pool, work, self._with_paths(records, ready),
+                                                       self.batch_size * 4):
                 outcome = resolve(record, prepared.sha256, prepared.rejection, prepared.pixels is not None,
                                   self.seen, self.previous, self.limits.max_pixels)
                 if outcome is None:
@@ -208,31 +209,30 @@ class Embedder:
                         flush()
                 else:
                     ready[position] = outcome
-                position += 1
                 while next_out in ready:
                     yield ready.pop(next_out)
                     next_out += 1
-            while position in ready:
-                position += 1
             if batch:
                 flush()
             while next_out in ready:
                 yield ready.pop(next_out)
                 next_out += 1
+        if ready:  # never drop an input unsaid
+            raise RuntimeError(f"indexer bug: outcomes of inputs {sorted(ready)[:5]} were never handed on")
 
-    def _with_paths(self, records: Iterable[Record], ready: dict[int, Outcome]) -> Iterator[Record]:
-        """Pass on records that name a file; settle the others at once (in `ready`, by position)."""
-        position = 0
-        for record in records:
+    def _with_paths(self, records: Iterable[Record], ready: dict[int, Outcome]) -> Iterator[tuple[int, Record]]:
+        """Pass on (position, record) for records that name a file; settle the others at once (in
+        `ready`, by position)."""
+        for position, record in enumerate(records):
             settled = settle_without_file(record)
             if settled is None:
-                yield record
+                yield position, record
             else:
                 ready[position] = settled
-            position += 1
 
 
 _PROBLEMS = {
+    "bad_file_name": "the file name is not valid UTF-8 (an old encoding); rename the file (convmv does this)",
     "invalid_row": "manifest row is not a JSON object",
     "missing_image_path": "manifest row has no image path",
     "repeated_row": "manifest lists this image path again",

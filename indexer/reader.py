@@ -7,13 +7,14 @@ a manifest row without an image path is still a record (rejected later with its 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models.data import caption_file, clean_caption, is_remote, manifest_columns, read_manifest_rows
-from models.images import IMAGE_SUFFIXES
+from models.images import image_files
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 TEXT_SUFFIXES = (".txt",)
@@ -51,15 +52,24 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def read_folder(folder: Path) -> Source:
-    """Every image under `folder` (recursive); a same-name `.txt` gives its caption (first line)."""
+    """Every image under `folder` (recursive; hidden ones left out, see `models.images.image_files`);
+    a same-name `.txt` gives its caption (first line). A file name that is not UTF-8 (a Latin-1 name
+    from an old disk) is a record rejected as `bad_file_name`: no JSON file or HTTP answer can carry it."""
     root = folder.resolve()
     records = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for path in image_files(root):
+        source = _relative(path, root)
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:  # Python holds the name's undecodable bytes as lone surrogates
+            shown = os.fsencode(source).decode("utf-8", "backslashreplace")
+            records.append(Record(shown, None, problem="bad_file_name"))
+            continue
         text_file = caption_file(path)
         caption = ""
         if text_file is not None:
             caption = clean_caption(text_file.read_text(encoding="utf-8", errors="replace"))
-        records.append(Record(_relative(path, root), path, caption))
+        records.append(Record(source, path, caption))
     return Source(root, "folder", records)
 
 

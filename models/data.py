@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.images import IMAGE_SUFFIXES
+from models.images import image_files
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,11 @@ def caption_file(image: Path) -> Path | None:
 
 
 def read_captioned_folder(folder: Path) -> PairSet:
-    """Every image under `folder` (recursive) whose same-name `.txt` has a non-empty first line."""
+    """Every image under `folder` (recursive; hidden ones left out, see `images.image_files`) whose
+    same-name `.txt` has a non-empty first line."""
     root = folder.resolve()
     result = PairSet(pairs=[], root=root)
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for image in image_files(root):
         text_file = caption_file(image)
         if text_file is None:
             result.skipped["missing_caption"] += 1

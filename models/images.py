@@ -7,6 +7,7 @@ the same pixels (and so the same embedding) wherever it enters the system.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 40_000_000  # about 6300x6300; well past any photo we embed at 224 px
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, never black
@@ -154,3 +156,23 @@ def load_image(path: str | os.PathLike[str], limits: ImageLimits = ImageLimits()
 
 # Truncated files are errors, never silently half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursive, by suffix), sorted. Hidden ones (a name starting
+    with "." anywhere below `folder`) are left out and counted in the log: macOS's `._photo.jpg`
+    resource forks, `.thumbnails/` caches and a USB drive's `.Trash-1000/` are not a user's images.
+    Folders are not followed through links (a link to a folder above would loop)."""
+    found, hidden = [], []
+    for path in folder.rglob("*"):
+        # a broken link is kept: reading it fails, so it is reported, not silently missing
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not (path.is_file() or path.is_symlink()):
+            continue
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            hidden.append(path)
+        else:
+            found.append(path)
+    if hidden:
+        logger.info("left out %d hidden image file(s) under %s (a name starting with '.'; e.g. %s)",
+                    len(hidden), folder, min(hidden).relative_to(folder))
+    return sorted(found)

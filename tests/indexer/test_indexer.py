@@ -541,3 +541,87 @@ def test_a_file_known_only_from_this_run_is_a_duplicate_not_a_reused_vector() ->
     assert "big" not in seen
     kept = resolve(Record("c.png", Path("c.png")), "big", None, False, seen, previous, max_pixels=10_000)
     assert kept is not None and kept.kind == "reused" and seen["big"] == "c.png"
+
+
+def test_odd_folder_entries(tmp_path: Path, encoder, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder as real disks hold them: a Latin-1 file name crashed the run (no JSON file could hold
+    it); a broken link went unmentioned; hidden files (macOS's `._x.png`, a `.thumbnails/` cache, a
+    `.Trash-1000/`) were indexed as the user's images. Now: rejected with a reason, rejected as
+    unreadable, left out (and logged)."""
+    import logging
+
+    data = tmp_path / "data"
+    make_messy_folder(data, good=3, bad=0)
+    good = sorted(p for p in data.rglob("img*") if p.suffix != ".txt")
+    latin1 = os.fsdecode(b"caf\xe9.png")  # what Python makes of a name that is not UTF-8
+    (data / latin1).write_bytes(b"\x00" * 10 + good[0].read_bytes())  # other bytes than any good file
+    (data / "broken.png").symlink_to(data / "gone.png")
+    (data / "._mac.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (data / ".Trash-1000" / "files").mkdir(parents=True)
+    shutil.copy(good[1], data / ".Trash-1000" / "files" / "deleted.png")
+    with caplog.at_level(logging.INFO):
+        summary = _index(data, tmp_path / "index", encoder)
+    assert summary.balanced and summary.inputs == 5
+    assert summary.indexed == 3 and summary.rejected == {"bad_file_name": 1, "unreadable": 1}
+    assert "left out 2 hidden image file(s)" in caplog.text
+    index = load_index(tmp_path / "index")
+    rejects = {r["source"]: r for r in map(json.loads, (index.directory / "rejects.jsonl").read_text().splitlines())}
+    assert rejects["caf\\xe9.png"]["reason"] == "bad_file_name" and "rename" in rejects["caf\\xe9.png"]["message"]
+    assert rejects["broken.png"]["reason"] == "unreadable"
+    assert not any(source.startswith(".") for source in rejects)
+
+
+@pytest.mark.parametrize("first", ["missing.png", "garbage.png"])
+def test_a_row_settled_without_a_file_after_a_rejected_file_loses_nothing(
+        tmp_path: Path, encoder, first: str) -> None:
+    """A file rejected at once, then rows that name no file (a URL, a row without a path): the
+    embedder's running count of positions skipped the settled rows only while they waited, and they
+    had already been handed on, so the next good image took the rejected file's place and was never
+    handed on: silently missing, and the summary still balanced."""
+    make_messy_folder(tmp_path / "data", good=6, bad=0)
+    images = sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("img*")
+                    if p.suffix != ".txt")
+    (tmp_path / "data" / "garbage.png").write_bytes(b"not an image at all")
+    rows = [first, "https://example.com/a.png", "", *images]
+    (tmp_path / "data" / "m.csv").write_text("image,caption\n" + "".join(f"{r},caption {i}\n" for i, r in enumerate(rows)))
+    summary = _index(tmp_path / "data" / "m.csv", tmp_path / "index", encoder)
+    assert summary.balanced and summary.inputs == len(rows)
+    index = load_index(tmp_path / "index")
+    metadata = [json.loads(line) for line in (index.directory / "metadata.jsonl").read_text().splitlines()]
+    indexed = {m["source"] for m in metadata} | {d for m in metadata for d in m["duplicates"]}
+    assert set(images) <= indexed and len(metadata) == len(images)
+
+
+def test_the_embedder_hands_on_every_record_once_in_order(tmp_path: Path, encoder) -> None:
+    """Random mixes of every kind of input (new files, copies, unreadable and corrupt files, URLs,
+    label-only rows) at small batch sizes, several decode threads: one outcome per record, in the
+    input's order, each of the expected kind."""
+    from indexer.embed import Embedder
+    from indexer.reader import Record
+
+    make_messy_folder(tmp_path / "data", good=8, bad=0)
+    files = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    rng = random.Random(0)
+    for trial in range(12):
+        records, expected, seen = [], [], set()
+        for i in range(rng.randint(1, 30)):
+            kind = rng.choice(["file", "file", "missing", "garbage", "url", "label"])
+            if kind == "file":
+                path = rng.choice(files)
+                records.append(Record(f"{i}:{path.name}", path))
+                expected.append("duplicate" if path in seen else "embedded")
+                seen.add(path)
+            elif kind in ("missing", "garbage"):
+                records.append(Record(f"{i}:{kind}", tmp_path / ("gone.png" if kind == "missing" else "garbage.png")))
+                expected.append("rejected")
+            elif kind == "url":
+                records.append(Record(f"{i}:url", None, problem="remote_url"))
+                expected.append("rejected")
+            else:
+                records.append(Record(f"{i}:label", None, caption="a label"))
+                expected.append("text")
+        embedder = Embedder(encoder, batch_size=rng.randint(1, 4), workers=rng.randint(1, 3))
+        outcomes = list(embedder.run(records))
+        assert [o.record.source for o in outcomes] == [r.source for r in records], trial
+        assert [o.kind for o in outcomes] == expected, trial

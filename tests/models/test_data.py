@@ -163,3 +163,22 @@ def test_a_caption_file_may_be_named_in_capitals(tmp_path: Path) -> None:
     (tmp_path / "b.TXT").write_text("a dog\n")
     assert sorted(p.caption for p in read_pairs(tmp_path).pairs) == ["a cat", "a dog"]
     assert caption_file(tmp_path / "b.png") == tmp_path / "b.TXT" and caption_file(tmp_path / "c.png") is None
+
+
+def test_a_captioned_folder_leaves_hidden_files_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """macOS's `._a.png` next to each photo, a `.thumbnails/` cache: not the user's pairs (a `._`
+    file counted as a missing caption, a cached thumbnail trained as a second copy of its photo)."""
+    import logging
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square\n")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / ".thumbnails" / "a.png")
+    (tmp_path / ".thumbnails" / "a.txt").write_text("a red square\n")
+    with caplog.at_level(logging.INFO):
+        pair_set = read_pairs(tmp_path)
+    assert [p.image.name for p in pair_set.pairs] == ["a.png"] and not pair_set.skipped
+    assert "left out 2 hidden image file(s)" in caplog.text
