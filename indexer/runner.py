@@ -258,6 +258,10 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     metadata, vector_rows, texts, rejects = _tables(rows)
     summary = _summarise(rows, started)
     summary.embed_seconds = time.time() - embed_started
+    if summary.inputs != len(source.records):  # the summary's check counts outcomes: hold them to the input
+        artifacts.remove_dir(work_dir)
+        raise RuntimeError(f"indexer bug: {len(source.records)} inputs but {summary.inputs} outcomes; "
+                           "nothing published")
     if summary.all_rejected:
         rejected = ", ".join(f"{reason}: {n}" for reason, n in summary.rejected.most_common())
         logger.error("every one of the %d inputs was rejected (%s): nothing published", summary.inputs, rejected)

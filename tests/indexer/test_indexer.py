@@ -625,3 +625,22 @@ def test_the_embedder_hands_on_every_record_once_in_order(tmp_path: Path, encode
         outcomes = list(embedder.run(records))
         assert [o.record.source for o in outcomes] == [r.source for r in records], trial
         assert [o.kind for o in outcomes] == expected, trial
+
+
+def test_a_run_whose_outcomes_miss_an_input_publishes_nothing(tmp_path: Path, encoder,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary's check (inputs == indexed + duplicates + rejected) counts outcomes; an outcome
+    lost on the way (the bug above) balanced it all the same. The run now holds the outcomes to the
+    input's count and publishes nothing when they differ."""
+    from indexer.embed import Embedder
+
+    make_messy_folder(tmp_path / "data", good=5, bad=0)
+    run = Embedder.run
+
+    def losing_one(self, records):
+        yield from list(run(self, records))[1:]
+
+    monkeypatch.setattr(Embedder, "run", losing_one)
+    with pytest.raises(RuntimeError, match="indexer bug: 5 inputs but 4 outcomes; nothing published"):
+        _index(tmp_path / "data", tmp_path / "index", encoder)
+    assert not (tmp_path / "index" / "current").exists()
