@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -72,16 +73,42 @@ def pick_column(columns: list[str], wanted: tuple[str, ...], explicit: str | Non
     return next((lowered[w] for w in wanted if w in lowered), None)
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(value: Any) -> Any:
+    """`value` with every lone UTF-16 surrogate replaced by U+FFFD, in nested lists and dicts too.
+    JSON may spell them (`"\\udce9"`: Python's json.dumps writes an undecodable file name so), and no
+    UTF-8 file or HTTP answer can hold one; U+FFFD is what undecodable bytes read as elsewhere."""
+    if isinstance(value, str):
+        return _SURROGATES.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [without_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def _manifest_text(path: Path) -> str:
+    """A text manifest's content. A byte-order mark (Excel's "CSV UTF-8") is dropped; text in
+    another encoding is a ValueError that says what to do."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8 (Excel: 'CSV UTF-8'), or convert it: iconv -f latin1 -t utf-8") from None
+
+
 def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a CSV/TSV/JSONL/Parquet file as dicts; a JSONL line that is not an object becomes
     `{"__invalid__": True}` so the caller can count it."""
     suffix = path.suffix.lower()
     if suffix == ".csv" or suffix == ".tsv":
-        with path.open(newline="", encoding="utf-8") as fp:
-            return list(csv.DictReader(fp, delimiter="\t" if suffix == ".tsv" else ","))
+        text = _manifest_text(path)
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
     if suffix in (".jsonl", ".ndjson"):
         rows: list[dict[str, Any]] = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_manifest_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -90,7 +117,7 @@ def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
                 logger.warning("%s:%d: not JSON (%s); row skipped", path, number, exc.msg)
                 rows.append({"__invalid__": True})
                 continue
-            rows.append(row if isinstance(row, dict) else {"__invalid__": True})
+            rows.append(without_surrogates(row) if isinstance(row, dict) else {"__invalid__": True})
         return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # optional: only parquet manifests need it

@@ -644,3 +644,16 @@ def test_a_run_whose_outcomes_miss_an_input_publishes_nothing(tmp_path: Path, en
     with pytest.raises(RuntimeError, match="indexer bug: 5 inputs but 4 outcomes; nothing published"):
         _index(tmp_path / "data", tmp_path / "index", encoder)
     assert not (tmp_path / "index" / "current").exists()
+
+
+def test_a_manifest_with_lone_surrogates_is_indexed(tmp_path: Path, encoder) -> None:
+    """'utf-8' codec can't encode character '\\udce9': the whole run failed at its first shard."""
+    make_messy_folder(tmp_path / "data", good=2, bad=0)
+    local = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")[0]
+    rows = [{"image": local.relative_to(tmp_path / "data").as_posix(), "caption": "caf\udce9", "note": "x\ud800"},
+            {"image": "gone\udce9.png", "caption": "a lost file"}]
+    (tmp_path / "data" / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = _index(tmp_path / "data" / "m.jsonl", tmp_path / "index", encoder)
+    assert summary.balanced and summary.indexed == 1 and summary.rejected == {"unreadable": 1}
+    index = load_index(tmp_path / "index")
+    assert index.metadata[0]["caption"] == "caf\ufffd" and index.metadata[0]["extra"] == {"note": "x\ufffd"}

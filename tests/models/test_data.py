@@ -182,3 +182,22 @@ def test_a_captioned_folder_leaves_hidden_files_out(tmp_path: Path, caplog: pyte
         pair_set = read_pairs(tmp_path)
     assert [p.image.name for p in pair_set.pairs] == ["a.png"] and not pair_set.skipped
     assert "left out 2 hidden image file(s)" in caplog.text
+
+
+def test_manifests_as_other_tools_write_them(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which hid the image column ('\\ufeffimage');
+    a Latin-1 CSV was a bare UnicodeDecodeError; JSON's lone surrogates ("\\udce9", how Python's
+    json.dumps writes an undecodable file name) crashed every writer of the rows downstream."""
+    from models.data import read_manifest_rows
+
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfimage,caption\r\na.png,a caf\xc3\xa9\r\n")
+    assert read_manifest_rows(tmp_path / "excel.csv") == [{"image": "a.png", "caption": "a café"}]
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"image": "a.png"}\n')
+    assert read_manifest_rows(tmp_path / "bom.jsonl") == [{"image": "a.png"}]
+    (tmp_path / "latin1.csv").write_bytes(b"image,caption\na.png,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1.csv is not UTF-8 text \(byte 0xe9 at offset 23\); save it as UTF-8"):
+        read_manifest_rows(tmp_path / "latin1.csv")
+    (tmp_path / "s.jsonl").write_text('{"image": "b\\udce9.png", "caption": "caf\\udce9", "tags": ["x\\ud800", {"k": "\\udfff"}]}\n')
+    (row,) = read_manifest_rows(tmp_path / "s.jsonl")
+    assert row == {"image": "b\ufffd.png", "caption": "caf\ufffd", "tags": ["x\ufffd", {"k": "\ufffd"}]}
+    json.dumps(row, ensure_ascii=False).encode("utf-8")  # what the writers do: no UnicodeEncodeError
