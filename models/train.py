@@ -152,18 +152,7 @@ class Trainer:
         self._check_semantic_smoothing()
         # built before the decoding too, so that settings it refuses fail at once
         transform = train_transform(self.preprocess_config, config.augment, config.random_erasing)
-        pairs, cache, self.skipped = self._decode(pair_set)
-        train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction,
-                                              held_out_seed(config))
-        if not train_pairs:
-            raise ValueError(f"no pairs left to train on: val_fraction {config.val_fraction} held out all "
-                             f"{len(held_pairs)} usable pairs; lower it")
-        self.train_examples = Examples.from_pairs(train_pairs)
-        self.held_examples = Examples.from_pairs(held_pairs)
-        self.held_out_copies = copies_across_split(self.train_examples.images, self.held_examples.images)
-        warn_copies(self.held_out_copies, len(self.held_examples.images))
-        self.train_cache = [cache[p] for p in self.train_examples.images]
-        self.held_cache = [cache[p] for p in self.held_examples.images]
+        self._split_data(pair_set)
         lock_towers(self.model, config.lock_text, config.lock_image)
         text_names = set(text_parameter_names(self.model))
         self.text_frozen = not any(p.requires_grad for n, p in self.model.named_parameters() if n in text_names)
@@ -190,6 +179,23 @@ class Trainer:
         self._locked_digest: str | None = None
         self.bank: torch.Tensor | None = None  # (N, D) caption features when the text tower is frozen
         self.held_caption_features: np.ndarray | None = None  # the same for the held-out captions
+
+    def _split_data(self, pair_set: PairSet) -> None:
+        """Decode the images, split the usable pairs into training and held-out examples, and warn
+        when a held-out image is a copy of a training one."""
+        config = self.config
+        pairs, cache, self.skipped = self._decode(pair_set)
+        train_pairs, held_pairs = split_pairs(PairSet(pairs, pair_set.root), config.val_fraction,
+                                              held_out_seed(config))
+        if not train_pairs:
+            raise ValueError(f"no pairs left to train on: val_fraction {config.val_fraction} held out all "
+                             f"{len(held_pairs)} usable pairs; lower it")
+        self.train_examples = Examples.from_pairs(train_pairs)
+        self.held_examples = Examples.from_pairs(held_pairs)
+        self.held_out_copies = copies_across_split(self.train_examples.images, self.held_examples.images)
+        warn_copies(self.held_out_copies, len(self.held_examples.images))
+        self.train_cache = [cache[p] for p in self.train_examples.images]
+        self.held_cache = [cache[p] for p in self.held_examples.images]
 
     def _decode(self, pair_set: PairSet) -> tuple[list[Pair], dict[Path, Image.Image | None], Counter[str]]:
         """Decode every pair's image once (kept in memory when `cache_images`), skip and count the
