@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from contextlib import AbstractContextManager
@@ -36,7 +37,7 @@ import faiss
 import numpy as np
 
 from models import folder_lock
-from models.checkpoint import fsync_dir
+from models.checkpoint import foreign_entries, fsync_dir
 from models.encoder import ModelFingerprint
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ WORK = "work"
 # with anything else in it, as they prune `versions/` and replace `work/`.
 INDEX_ENTRIES = frozenset({CURRENT, VERSIONS, WORK, folder_lock.LOCK_NAME, f".{CURRENT}.tmp"})
 TRASH_PREFIX = ".trash-"
+# what `new_version_dir` names a version: runs prune only folders so named
+VERSION_NAME = re.compile(r"\d{8}T\d{6}-[0-9a-f]{6}")
 FILES = ("embeddings.npy", "metadata.jsonl", "image.faiss", "texts.jsonl", "text_embeddings.npy",
          "text.faiss", "rejects.jsonl")
 
@@ -162,6 +165,15 @@ def load_index(path: Path, expected: ModelFingerprint | None = None, verify: boo
 
 
 # -- writing -------------------------------------------------------------------------------------
+def foreign_to_index(out_dir: Path) -> str:
+    """What in `out_dir` no indexer run wrote, for a message ('' when nothing): names beside the
+    index's own, and folders in `versions/` not named as versions are (runs prune those)."""
+    top = foreign_entries(out_dir, INDEX_ENTRIES, TRASH_PREFIX)
+    versions = foreign_entries(out_dir / VERSIONS, lambda name: VERSION_NAME.fullmatch(name) is not None,
+                               TRASH_PREFIX)
+    return "; ".join(part for part in (top, versions and f"in {VERSIONS}/: {versions}") if part)
+
+
 def new_version_dir(out_dir: Path) -> Path:
     name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
     path = out_dir / VERSIONS / name
@@ -238,7 +250,7 @@ def publish(out_dir: Path, version_dir: Path, keep: int = 2) -> None:
     fsync_dir(out_dir)
     live = version_dir.name
     others = sorted(p for p in (out_dir / VERSIONS).iterdir()
-                    if p.is_dir() and p.name != live and not p.name.startswith("."))
+                    if p.is_dir() and p.name != live and VERSION_NAME.fullmatch(p.name))
     # a version without its manifest was cut short by a kill; it must not take the place of the
     # last complete one (the writer lock means no other run is still writing it)
     complete = [p for p in others if (p / MANIFEST).is_file()]

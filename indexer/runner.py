@@ -25,7 +25,7 @@ from indexer.embed import Embedder, Previous
 from indexer.ray_backend import RayOptions, run_ray
 from indexer.reader import Source
 from indexer.writer import ShardRow, ShardWriter, iter_shards, prepare_work_dir
-from models.checkpoint import foreign_entries, write_jsonl, write_npy
+from models.checkpoint import write_jsonl, write_npy
 from models.images import ImageLimits
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class IndexConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"the index directory {self.out_dir} is a file, not a folder")
-        foreign = foreign_entries(self.out_dir, artifacts.INDEX_ENTRIES, artifacts.TRASH_PREFIX)
+        foreign = artifacts.foreign_to_index(self.out_dir)
         if foreign:  # runs prune OUT/versions and replace OUT/work: never in a folder of other things
             raise ValueError(f"{self.out_dir} holds other things than an index ({foreign}): "
                              "index into a new or empty folder")

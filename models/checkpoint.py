@@ -76,14 +76,17 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(a), None, str(b))
 
 
-def foreign_entries(folder: Path, ours: Collection[str], passing_prefix: str | None = None) -> str:
-    """The names in `folder` that its writer does not write (not in `ours`, nor starting with
-    `passing_prefix`), sorted and shortened for a message ("a, b, c, ..."); '' when there are none
-    or no folder. Writers that prune or replace what they find call it before touching anything."""
+def foreign_entries(folder: Path, ours: Collection[str] | Callable[[str], bool],
+                    passing_prefix: str | None = None) -> str:
+    """The names in `folder` that its writer does not write (not in `ours`, or not passing it when
+    it is a test of a name; nor starting with `passing_prefix`), sorted and shortened for a message
+    ("a, b, c, ..."); '' when there are none or no folder. Writers that prune or replace what they
+    find call it before touching anything."""
     if not folder.is_dir():
         return ""
+    known = ours if callable(ours) else ours.__contains__
     names = sorted(p.name for p in folder.iterdir()
-                   if p.name not in ours and not (passing_prefix and p.name.startswith(passing_prefix)))
+                   if not known(p.name) and not (passing_prefix and p.name.startswith(passing_prefix)))
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 

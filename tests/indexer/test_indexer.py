@@ -462,6 +462,8 @@ def test_a_run_that_rejects_every_input_publishes_nothing(tmp_path: Path, tiny_m
     (["--backend", "ray", "--ray-actors", "0"], "ray actors must be at least 1, got 0"),
     (["--out", "{tmp}/afile"], "the index directory {tmp}/afile is a file, not a folder"),
     (["--out", "{tmp}/data"], "{tmp}/data holds other things than an index (bad, red_circle, red_square)"),
+    # a `versions` folder of the user's own: a run would have pruned its subfolders as old versions
+    (["--out", "{tmp}/docs"], "{tmp}/docs holds other things than an index (in versions/: 2019)"),
 ])
 def test_settings_no_run_can_use_are_refused_before_the_model_loads(tmp_path: Path, monkeypatch, caplog,
                                                                      option: list[str], message: str) -> None:
@@ -476,6 +478,7 @@ def test_settings_no_run_can_use_are_refused_before_the_model_loads(tmp_path: Pa
     monkeypatch.setattr(models.encoder, "load_encoder", no_load)
     make_messy_folder(tmp_path / "data", good=2, bad=0)
     (tmp_path / "afile").write_text("")
+    (tmp_path / "docs" / "versions" / "2019").mkdir(parents=True)
     option = [part.format(tmp=tmp_path) for part in option]
     assert main(["index", str(tmp_path / "data"), "--out", str(tmp_path / "index"), "--quiet", *option]) == 2
     assert message.format(tmp=tmp_path) in caplog.text and "Traceback" not in caplog.text
