@@ -65,6 +65,10 @@ def _read_pairs(args: argparse.Namespace) -> Any:
     )
     if pair_set.skipped:
         logger.warning("skipped %d rows: %s", sum(pair_set.skipped.values()), dict(pair_set.skipped))
+    if not pair_set.pairs:  # now, not after the model load
+        hint = ("; in a folder, each image needs a same-name .txt caption"
+                if pair_set.skipped.get("missing_caption") else "")
+        raise ValueError(f"{args.data}: no usable image-caption pairs (skipped: {dict(pair_set.skipped)}){hint}")
     return pair_set
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -345,10 +346,20 @@ def _create_open_clip(name: str, pretrained: str | None, device: torch.device | 
     try:
         with quiet_model_build():
             return open_clip.create_model(name, pretrained=pretrained, device=device)
-    except Exception as exc:  # noqa: BLE001 - re-raised unless a local file is to blame
-        if pretrained is None or not Path(pretrained).is_file():
-            raise
-        raise ValueError(f"{pretrained} cannot be loaded as weights of {name}: {_load_failure(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a local file or the offline hub is to blame
+        if pretrained is not None and Path(pretrained).is_file():
+            raise ValueError(f"{pretrained} cannot be loaded as weights of {name}: {_load_failure(exc)}") from None
+        if str(exc).startswith("Failed to download weights") and hub_offline():
+            raise RuntimeError(
+                f"the {name} weights {pretrained!r} are not in the local model cache, and the model hub is off "
+                "(HF_HUB_OFFLINE=1, clipsearch's default: nothing is downloaded unasked). To download them, run "
+                "with HF_HUB_OFFLINE=0; or give a local checkpoint file instead of the tag") from None
+        raise
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is told to stay offline (clipsearch's CLI and Makefile default)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _load_failure(exc: BaseException) -> str:

@@ -4,7 +4,8 @@ Building the default model used to print three things that need no action from t
 transformers' progress bar over the MiniLM weights; its load report listing the checkpoint's
 `pooler.dense.*` weights as unused (open_clip's text tower pools the tokens itself and has no
 pooler); and open_clip's "initialized partially" warning for a model directory whose image tower
-`load_model_dir` loads (and checks) right after. Anything else, such as a missing text tower
+`load_model_dir` loads (and checks) right after. open_clip also logs a failed download before
+raising it: said once, by whoever catches the error. Anything else, such as a missing text tower
 weight, still gets through.
 """
 
@@ -39,6 +40,8 @@ class _DropExpected(logging.Filter):
         message = record.getMessage()
         if self.partial_load and message.startswith("Model ") and message.endswith(" initialized partially."):
             return False
+        if message.startswith("Failed to download weights for tag"):
+            return False  # open_clip raises the same text, which its caller reports (once)
         return not is_unused_pooler_report(message)
 
 

@@ -90,14 +90,28 @@ def test_train_into_a_file_is_refused(shapes_folder: Path, tmp_path: Path, caplo
     assert f"the run directory {tmp_path / 'afile'} is a file, not a folder" in caplog.text
 
 
-def test_eval_with_nothing_usable_says_what_was_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A folder of images without captions said only "no usable pairs"."""
+def test_eval_and_train_with_nothing_usable_say_what_was_skipped_before_the_model_loads(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder of images without captions said only "no usable pairs", and only after the model had
+    loaded (or failed to download)."""
     from PIL import Image
 
+    import models.encoder
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for data with nothing to use")
+
+    monkeypatch.setattr(models.encoder, "load_encoder", no_load)
+    monkeypatch.setattr(models.encoder, "create_model", no_load)
     (tmp_path / "data").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
+    expected = (f"{tmp_path / 'data'}: no usable image-caption pairs (skipped: {{'missing_caption': 1}}); "
+                "in a folder, each image needs a same-name .txt caption")
     assert main(["eval", str(tmp_path / "data"), "--model", TINY, "--quiet"]) == 2
-    assert "nothing to evaluate: no usable pairs (skipped: {'missing_caption': 1})" in caplog.text
+    assert expected in caplog.text
+    caplog.clear()
+    assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", TINY, "--quiet"]) == 2
+    assert expected in caplog.text
 
 
 @pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2"])

@@ -121,6 +121,19 @@ def test_unknown_sources_raise_clear_errors(tmp_path: Path, monkeypatch: pytest.
         load_encoder(str(tmp_path / "weights.pt"), device="cpu")
 
 
+def test_a_pretrained_tag_with_the_hub_off_says_how_to_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clipsearch keeps the hub off unless asked (HF_HUB_OFFLINE=1 by default), so a user online
+    asking for published weights got open_clip's "check your connection", twice, with no word that
+    the hub was off on purpose nor how to turn it on."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    with pytest.raises(RuntimeError, match=r"the ViT-B-32 weights 'laion2b_s34b_b79k' are not in the local model "
+                                           r"cache, and the model hub is off .* run with HF_HUB_OFFLINE=0"):
+        load_encoder("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+
+
 def test_fingerprint_identifies_weights(tiny_encoder) -> None:
     same = tiny_encoder.fingerprint
     same.ensure_matches(ModelFingerprint.from_dict(same.as_dict()))
