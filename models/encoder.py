@@ -349,11 +349,12 @@ def _create_open_clip(name: str, pretrained: str | None, device: torch.device | 
     except Exception as exc:  # noqa: BLE001 - re-raised unless a local file or the offline hub is to blame
         if pretrained is not None and Path(pretrained).is_file():
             raise ValueError(f"{pretrained} cannot be loaded as weights of {name}: {_load_failure(exc)}") from None
-        if str(exc).startswith("Failed to download weights") and hub_offline():
+        if str(exc).startswith(("Failed to download weights", "Failed initial config/weights load")) and hub_offline():
+            weights = f"the {name} weights {pretrained!r}" if pretrained else f"the weights of {name}"
             raise RuntimeError(
-                f"the {name} weights {pretrained!r} are not in the local model cache, and the model hub is off "
-                "(HF_HUB_OFFLINE=1, clipsearch's default: nothing is downloaded unasked). To download them, run "
-                "with HF_HUB_OFFLINE=0; or give a local checkpoint file instead of the tag") from None
+                f"{weights} are not in the local model cache, and the model hub is off (HF_HUB_OFFLINE=1, "
+                "clipsearch's default: nothing is downloaded unasked). To download them, run with HF_HUB_OFFLINE=0; "
+                "or give a local checkpoint file or model directory instead") from None
         raise
 
 
@@ -404,7 +405,7 @@ def create_model(
         return load_model_dir(path, device)
     _refuse_paths_that_are_not_model_dirs(name, path)
     if name.startswith(("local-dir:", "hf-hub:")):
-        built = open_clip.create_model(name, device=device)
+        built = _create_open_clip(name, None, device)
         model_config: dict[str, Any] = {}
         architecture = name
     else:

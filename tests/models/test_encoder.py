@@ -132,6 +132,9 @@ def test_a_pretrained_tag_with_the_hub_off_says_how_to_download(monkeypatch: pyt
     with pytest.raises(RuntimeError, match=r"the ViT-B-32 weights 'laion2b_s34b_b79k' are not in the local model "
                                            r"cache, and the model hub is off .* run with HF_HUB_OFFLINE=0"):
         load_encoder("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+    with pytest.raises(RuntimeError, match=r"the weights of hf-hub:org/model are not in the local model cache, "
+                                           r"and the model hub is off"):
+        load_encoder("hf-hub:org/model", device="cpu")
 
 
 def test_fingerprint_identifies_weights(tiny_encoder) -> None:
