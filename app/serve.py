@@ -21,7 +21,8 @@ WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering i
 
 # Startup errors whose message says all there is to say: a missing model, an index made with
 # another model, a bad setting. Anything else keeps its traceback, since that is a bug to report.
-SELF_EXPLAINING = ("FileNotFoundError", "KeyError", "ValueError", "NotReady", "InvalidIndex", "FingerprintMismatch")
+SELF_EXPLAINING = ("FileNotFoundError", "KeyError", "ValueError", "NotReady", "InvalidIndex", "FingerprintMismatch",
+                   "WeightsNotCached")
 
 
 class StartupErrorInOneLine(logging.Filter):

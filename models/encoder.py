@@ -351,11 +351,15 @@ def _create_open_clip(name: str, pretrained: str | None, device: torch.device | 
             raise ValueError(f"{pretrained} cannot be loaded as weights of {name}: {_load_failure(exc)}") from None
         if str(exc).startswith(("Failed to download weights", "Failed initial config/weights load")) and hub_offline():
             weights = f"the {name} weights {pretrained!r}" if pretrained else f"the weights of {name}"
-            raise RuntimeError(
+            raise WeightsNotCached(
                 f"{weights} are not in the local model cache, and the model hub is off (HF_HUB_OFFLINE=1, "
                 "clipsearch's default: nothing is downloaded unasked). To download them, run with HF_HUB_OFFLINE=0; "
                 "or give a local checkpoint file or model directory instead") from None
         raise
+
+
+class WeightsNotCached(RuntimeError):
+    """Published weights asked for with the model hub off and not in the local cache."""
 
 
 def hub_offline() -> bool:

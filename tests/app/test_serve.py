@@ -14,6 +14,7 @@ import pytest
 
 from app.errors import NotReady
 from app.serve import StartupErrorInOneLine
+from models.encoder import WeightsNotCached
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +32,8 @@ def test_self_explaining_startup_errors_shrink_to_one_line() -> None:
         (NotReady("index abc was made with model X, not Y"), "cannot start: index abc was made with model X, not Y"),
         (KeyError("unknown architecture 'nope'; known: A, B"), "cannot start: unknown architecture 'nope'; known: A, B"),
         (FileNotFoundError("model directory /m not found"), "cannot start: model directory /m not found"),
+        (WeightsNotCached("the weights of hf-hub:o/m are not in the local model cache"),
+         "cannot start: the weights of hf-hub:o/m are not in the local model cache"),
     ]
     for error, expected in cases:
         record = _traceback_record(error)
