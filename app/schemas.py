@@ -130,9 +130,11 @@ class OpenAIEmbeddingRequest(BaseModel):
     is ours, as in `/v1/embed/text` (OpenAI clients send it as an extra body field); `dimensions`
     must be the model's own when given: a shortened vector of this model is not a valid embedding."""
 
-    input: str | list[str] = Field(examples=["a bird"])
+    # token ids (lists of ints) are accepted by the schema only to be refused with a useful message
+    input: str | list[str] | list[int] | list[list[int]] = Field(examples=["a bird"])
     model: str | None = None
-    encoding_format: Literal["float"] | None = None
+    # the official OpenAI clients ask for base64 unless told otherwise
+    encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
     role: TextRole = "query"
@@ -141,7 +143,8 @@ class OpenAIEmbeddingRequest(BaseModel):
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str = Field(description="floats, or with encoding_format base64 the base64 of "
+                                                     "the little-endian float32 values")
 
 
 class OpenAIEmbeddingResponse(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 import numpy as np
@@ -61,6 +62,10 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -
     """OpenAI-compatible text embeddings, so existing embedding clients work unchanged. `role`
     (an extra field) as in `/v1/embed/text`: `caption` for texts to be found by images."""
     texts = [body.input] if isinstance(body.input, str) else body.input
+    if any(not isinstance(t, str) for t in texts):
+        # LangChain's OpenAIEmbeddings sends tiktoken ids by default: ids of OpenAI's tokenizer, not ours
+        raise InvalidInput("input holds token ids; this server embeds text: send strings (LangChain's "
+                           "OpenAIEmbeddings: check_embedding_ctx_length=False)")
     if not texts or any(not t for t in texts):
         raise InvalidInput("input must be a non-empty string or a list of non-empty strings")
     if len(texts) > service.settings.max_batch_inputs:
@@ -70,10 +75,18 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -
         # another length than it expects
         raise InvalidInput(f"this model embeds in {service.encoder.dim} dimensions; "
                            f"dimensions={body.dimensions} is not offered (leave it out)")
-    vectors = await service.embed_for(texts, body.role)
-    tokens = sum(len(t.split()) for t in texts)  # a word count: the tokenizer's count is model-specific
+    vectors = await service.embed_for([str(t) for t in texts], body.role)
+    tokens = sum(len(str(t).split()) for t in texts)  # a word count: the tokenizer's count is model-specific
     return OpenAIEmbeddingResponse(
-        data=[OpenAIEmbedding(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)],
+        data=[OpenAIEmbedding(index=i, embedding=_encoded(v, body.encoding_format)) for i, v in enumerate(vectors)],
         model=str(service.encoder.fingerprint),
         usage={"prompt_tokens": tokens, "total_tokens": tokens},
     )
+
+
+def _encoded(vector: np.ndarray, encoding_format: str | None) -> list[float] | str:
+    """One embedding as the client asked for it: floats, or base64 of little-endian float32 bytes
+    (what the official OpenAI clients request by default, and decode)."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
