@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from models.data import PairSet, is_held_out, pair_split_key
@@ -49,24 +50,48 @@ def held_out_only(pair_set: PairSet, fraction: float, seed: int = 0) -> PairSet:
     return PairSet(kept, pair_set.root, Counter(pair_set.skipped))
 
 
+def _embed_images(encoder: DualEncoder, paths: list[Any], progress: bool) -> tuple[np.ndarray, dict[Any, int], dict[Any, str]]:
+    """(features of the readable images, their row by path, {unreadable path: reason}). Decoded and
+    embedded a few batches at a time under one progress bar: a large set is never held decoded in
+    memory at once. Chunks are whole batches of the encoder, so the rows equal one call's."""
+    parts: list[np.ndarray] = []
+    chunk: list[Image.Image] = []
+    rows: dict[Any, int] = {}
+    bad: dict[Any, str] = {}
+    size = 4 * encoder.image_batch_size
+    for path in tqdm(paths, desc="images", disable=not progress):
+        try:
+            chunk.append(load_image(path))
+            rows[path] = len(rows)
+        except ImageRejected as exc:
+            bad[path] = exc.reason
+        if len(chunk) == size:
+            parts.append(encoder.encode_images(chunk))
+            chunk = []
+    if chunk:
+        parts.append(encoder.encode_images(chunk))
+    features = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+    return features, rows, bad
+
+
+def _embed_texts(encoder: DualEncoder, texts: list[str], progress: bool) -> np.ndarray:
+    """The captions' query embeddings, a few whole batches at a time under a progress bar."""
+    size = 4 * encoder.text_batch_size
+    parts = [encoder.encode_texts(texts[start:start + size])
+             for start in tqdm(range(0, len(texts), size), desc="captions", unit="chunk", disable=not progress)]
+    return np.concatenate(parts)
+
+
 def evaluate(
     encoder: DualEncoder, pair_set: PairSet, ks: tuple[int, ...] = DEFAULT_KS, progress: bool = True
 ) -> EvalReport:
     """Embed every image and caption of `pair_set` and score retrieval; bad images are skipped.
     The captions are text queries for text -> image and documents (`encode_captions`) for image -> text."""
     skipped: Counter[str] = Counter(pair_set.skipped)
-    image_ids: dict[Any, int] = {}
-    images = []
+    unique = list(dict.fromkeys(p.image for p in pair_set.pairs))
+    image_features, image_ids, bad = _embed_images(encoder, unique, progress)
     texts: list[str] = []
     owners: list[int] = []
-    bad: dict[Any, str] = {}
-    unique = list(dict.fromkeys(p.image for p in pair_set.pairs))
-    for path in tqdm(unique, desc="decode", disable=not progress):
-        try:
-            images.append(load_image(path))
-            image_ids[path] = len(image_ids)
-        except ImageRejected as exc:
-            bad[path] = exc.reason
     for pair in pair_set.pairs:
         if pair.image in bad:
             skipped["bad_image:" + bad[pair.image]] += 1
@@ -76,9 +101,8 @@ def evaluate(
     if not texts:
         reasons = f" (skipped: {dict(skipped)})" if skipped else ""
         raise ValueError(f"nothing to evaluate: no usable pairs{reasons}")
-    image_features = encoder.encode_images(images)
-    text_features = encoder.encode_texts(texts)
+    text_features = _embed_texts(encoder, texts, progress)
     # image -> text searches the captions as documents (`encode_captions`), as a caption index does
     recall = retrieval_recall(image_features, text_features, np.asarray(owners), ks,
                               documents=encoder.as_captions(text_features))
-    return EvalReport(recall, len(images), len(texts), skipped)
+    return EvalReport(recall, len(image_features), len(texts), skipped)
