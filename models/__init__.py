@@ -21,6 +21,7 @@ _EXPORTS = {
     "ImageRejected": "models.images",
     "decode_image": "models.images",
     "load_image": "models.images",
+    "normalize_image": "models.images",
 }
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "decode_image",
     "load_encoder",
     "load_image",
+    "normalize_image",
     "resolve_device",
 ]
 
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
         load_encoder,
         resolve_device,
     )
-    from models.images import ImageLimits, ImageRejected, decode_image, load_image
+    from models.images import ImageLimits, ImageRejected, decode_image, load_image, normalize_image
 
 
 def __getattr__(name: str) -> Any:

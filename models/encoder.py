@@ -30,6 +30,7 @@ from PIL import Image
 from models import checkpoint, registry
 from models.caption_bank import CaptionBank
 from models.image_bank import ImageBank
+from models.images import normalize_image
 from models.load_noise import quiet_model_build
 from models.preprocess import inference_transform, preprocess_digest
 
@@ -226,9 +227,11 @@ class DualEncoder:
         return out
 
     def encode_images(self, images: Sequence[Image.Image] | Image.Image) -> np.ndarray:
-        """Embed RGB PIL images (see `models.images.load_image`) -> float32 `(n, d)`, unit norm. One
-        image counts as a list of one. Raises TypeError for anything else, paths included."""
-        images = _as_images(images)
+        """Embed PIL images -> float32 `(n, d)`, unit norm. Each is seen as the indexer and the server
+        see it (`models.images.normalize_image`: EXIF rotation, alpha on white); decode untrusted
+        files with `models.load_image`. One image counts as a list of one. Raises TypeError for
+        anything else, paths included."""
+        images = [normalize_image(image) for image in _as_images(images)]
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for part in _batches(len(images), self.image_batch_size):
             pixels = torch.stack([self.preprocess(image) for image in images[part]])

@@ -250,3 +250,32 @@ def test_decode_image_refuses_a_path(tmp_path: Path) -> None:
             decode_image(given)  # type: ignore[arg-type]
     with pytest.raises(ImageRejected, match="over 100"):
         load_image(path, ImageLimits(max_bytes=100))
+
+
+def test_images_opened_by_hand_embed_as_served(photo: Image.Image, tiny_encoder) -> None:
+    """`enc.encode_images([Image.open("bird.png")])`, the README's own one-liner, embedded a
+    transparent stamp with black where the server sees white (cosine 0.52 for a real stamp with the
+    default model), and a rotated photo as stored. `encode_images` now sees every image as
+    `decode_image` gives it; one that already is so is passed on untouched, not copied."""
+    from models.images import normalize_image
+
+    transparent = photo.convert("RGBA")
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[:, :40] = 0
+    transparent.putalpha(Image.fromarray(alpha))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {
+        "RGBA": _encode(transparent, "PNG"),
+        "rotated": _encode(photo.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif),
+        "P+transparency": _encode(transparent.convert("P"), "PNG", transparency=0),
+        "I;16": _encode(Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257), "PNG"),
+    }
+    for name, data in files.items():
+        opened = Image.open(io.BytesIO(data))
+        mode = opened.mode
+        by_hand = tiny_encoder.encode_images([opened])
+        assert np.array_equal(by_hand, tiny_encoder.encode_images([decode_image(data)])), name
+        assert opened.mode == mode, name  # the caller's image is left as it was
+    served = decode_image(files["rotated"])
+    assert normalize_image(served) is served
