@@ -374,3 +374,22 @@ def test_a_teacher_change_names_a_model_directory_and_the_distill_settings_need_
     (tmp_path / FULL_WEIGHTS_NAME).write_bytes(b"")
     assert recipe.checked_changes({"teacher": str(tmp_path), "distill_weight": "0.3"}) == {
         "teacher": tmp_path, "distill_weight": 0.3}
+
+
+def test_the_readmes_one_liner_runs_and_embeds_as_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "Embedding in one line" block, run as written on a transparent stamp: its image
+    embedding is the one the server gives the same file."""
+    from models import load_image
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Embedding in one line", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    bird = STAMPS / "animals" / "birds" / "adelaide-rosella.png"
+    assert Image.open(bird).mode == "RGBA"  # transparent: the case the README's Image.open got wrong
+    shutil.copy(bird, tmp_path / "bird.png")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    encoder = namespace["enc"]
+    assert encoder.encode_texts(["a bird"]).shape == (1, 384)
+    np.testing.assert_array_equal(encoder.encode_images([Image.open("bird.png")]),
+                                  encoder.encode_images([load_image(bird)]))
