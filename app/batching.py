@@ -87,12 +87,14 @@ class DynamicBatcher(Generic[T]):
                 pending.future.set_exception(error)
 
     # -- requests ------------------------------------------------------------------------------
-    def admit(self) -> None:
-        """Refuse at once when the queue is full: call before any costly preparation (decoding an
-        upload), so excess load is shed in microseconds instead of after the work."""
+    def admit(self, count: int = 1) -> None:
+        """Refuse at once when the queue has no room for `count` more items: call before any costly
+        preparation (decoding an upload), so excess load is shed in microseconds instead of after
+        the work; and before queueing a request's many items, so none of them is queued (and
+        computed for nothing) when the rest would not fit."""
         if not self.alive:
             raise NotReady(f"the {self.modality} model worker is not running")
-        if self.queue.full():
+        if self.queue.qsize() + count > self.queue.maxsize:
             self.metrics.rejected.labels(self.modality, "queue_full").inc()
             raise Overloaded(f"too many {self.modality} requests queued; retry shortly")
 

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except ValidationError as exc:  # a ValueError too, but its text is four lines and a URL per field
         for error in exc.errors():
+            if not error.get("loc"):  # a rule across settings: its message names them; the input holds them all
+                logging.getLogger("clipsearch").error("invalid settings: %s", error_message(error))
+                continue
             name = error_field(error)
             given = "(not shown)" if "key" in name else repr(error.get("input"))  # never log a secret
             logging.getLogger("clipsearch").error("invalid setting %s (a flag, or CLIPSEARCH_%s): %s, got %s",

@@ -118,7 +118,7 @@ class SearchService:
         for text in texts:
             if len(text) > self.settings.max_text_chars:
                 raise InvalidInput(f"text longer than {self.settings.max_text_chars} characters")
-        self.text_batcher.admit()
+        self.text_batcher.admit(len(texts))
         timeout = self.settings.request_timeout_s
         rows = await asyncio.gather(*(self.text_batcher.submit(t, timeout) for t in texts))
         return np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)

@@ -32,7 +32,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit (400)")
     max_k: int = Field(1000, ge=1, description="largest k (and offset + k) a search may ask for")
     max_text_chars: int = Field(10_000, ge=1, description="longest query text")
-    max_batch_inputs: int = Field(256, ge=1, description="most inputs in one embed request")
+    max_batch_inputs: int = Field(256, ge=1, description="most inputs in one embed request (at most max_queue: "
+                                  "each input is queued on its own)")
+
+    @property
+    def inputs_per_request(self) -> int:
+        """The most inputs an embed request may hold: each is queued on its own, so one longer than
+        the queue would be refused (429) however idle the server."""
+        return min(self.max_batch_inputs, self.max_queue)
 
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                       description="accepted API keys; empty: no auth")

@@ -41,8 +41,8 @@ async def embed_text(body: EmbedTextRequest, service: ServiceDep) -> EmbedRespon
     to search images with, `caption` to store for image -> text search (as a caption index holds
     them: through the model's image bank, when it has one)."""
     started = time.perf_counter()
-    if len(body.texts) > service.settings.max_batch_inputs:
-        raise InvalidInput(f"at most {service.settings.max_batch_inputs} texts per request")
+    if len(body.texts) > service.settings.inputs_per_request:
+        raise InvalidInput(f"at most {service.settings.inputs_per_request} texts per request: send them in parts")
     return _response(await service.embed_for(body.texts, body.role), service, started)
 
 
@@ -68,8 +68,10 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -
                            "OpenAIEmbeddings: check_embedding_ctx_length=False)")
     if not texts or any(not t for t in texts):
         raise InvalidInput("input must be a non-empty string or a list of non-empty strings")
-    if len(texts) > service.settings.max_batch_inputs:
-        raise InvalidInput(f"at most {service.settings.max_batch_inputs} inputs per request")
+    limit = service.settings.inputs_per_request
+    if len(texts) > limit:
+        raise InvalidInput(f"at most {limit} inputs per request: send them in parts "
+                           f"(LangChain's OpenAIEmbeddings: chunk_size={limit})")
     if body.dimensions is not None and body.dimensions != service.encoder.dim:
         # answered rather than ignored: a client asking for fewer dimensions would store vectors of
         # another length than it expects

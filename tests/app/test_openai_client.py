@@ -41,3 +41,9 @@ def test_token_ids_are_refused_with_what_to_send_instead(client: OpenAI, live_se
             client.embeddings.create(model="any", input=ids)
     raw = httpx.post(f"{live_server}/v1/embeddings", json={"input": [5, 6]}, timeout=30)
     assert raw.status_code == 400 and "check_embedding_ctx_length=False" in raw.json()["error"]["message"]
+
+
+def test_too_many_inputs_say_how_to_split_them(client: OpenAI) -> None:
+    """LangChain sends 1,000 texts a request unless told otherwise; the server takes 256."""
+    with pytest.raises(BadRequestError, match=r"at most 256 inputs per request: send them in parts .*chunk_size=256"):
+        client.embeddings.create(model="any", input=["a red circle"] * 300)

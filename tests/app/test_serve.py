@@ -136,3 +136,28 @@ def test_a_bad_key_list_is_named_without_showing_the_keys(tmp_path: Path, monkey
     assert main(["serve", "--index", str(tmp_path)]) == 2
     assert "invalid setting api_keys (a flag, or CLIPSEARCH_API_KEYS): not a JSON list" in caplog.text
     assert "secret-k1" not in caplog.text
+
+
+def test_a_rule_across_settings_is_reported_alone(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A validation error with no one field (a model-level rule) has every setting as its input:
+    it is named without them (they may hold API keys), not as a setting called "body"."""
+    from pydantic import BaseModel, model_validator
+
+    import app.serve
+    from app.cli import main
+
+    class Rule(BaseModel):
+        api_keys: list[str]
+
+        @model_validator(mode="after")
+        def _never(self) -> Rule:
+            raise ValueError("these settings do not go together")
+
+    def serve(args):
+        return Rule(api_keys=["secret-k1"])
+
+    monkeypatch.setattr(app.serve, "_serve", serve)
+    assert main(["serve"]) == 2
+    assert "invalid settings: these settings do not go together" in caplog.text
+    assert "secret-k1" not in caplog.text and "body" not in caplog.text
