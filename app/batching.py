@@ -101,11 +101,26 @@ class DynamicBatcher(Generic[T]):
     async def submit(self, item: T, timeout_s: float) -> np.ndarray:
         """Queue one item and wait for its row `(D,)`. Raises Overloaded, NotReady, DeadlineExceeded,
         ModelFailure."""
-        self.admit()  # no await between this check and the put: the queue cannot fill meanwhile
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Pending(item, future, time.monotonic() + timeout_s))
+        return (await self.submit_many([item], timeout_s))[0]
+
+    async def submit_many(self, items: Sequence[T], timeout_s: float) -> list[np.ndarray]:
+        """Queue all of `items` or none (Overloaded when they do not all fit) and wait for their
+        rows, in order. If one fails, or the request is cancelled (its client went away), the
+        others still queued are dropped before the model."""
+        self.admit(len(items))  # no await between this check and the puts: the queue cannot fill meanwhile
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+        futures: list[asyncio.Future[np.ndarray]] = []
+        for item in items:
+            futures.append(loop.create_future())
+            self.queue.put_nowait(_Pending(item, futures[-1], deadline))
         self.metrics.queue_depth.labels(self.modality).set(self.queue.qsize())
-        return await future  # cancelled with the request when the client goes away
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()  # a no-op for those already answered
+            raise
 
     # -- the consumer --------------------------------------------------------------------------
     async def _collect(self) -> list[_Pending[T]]:

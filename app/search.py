@@ -118,9 +118,7 @@ class SearchService:
         for text in texts:
             if len(text) > self.settings.max_text_chars:
                 raise InvalidInput(f"text longer than {self.settings.max_text_chars} characters")
-        self.text_batcher.admit(len(texts))
-        timeout = self.settings.request_timeout_s
-        rows = await asyncio.gather(*(self.text_batcher.submit(t, timeout) for t in texts))
+        rows = await self.text_batcher.submit_many(list(texts), self.settings.request_timeout_s)
         return np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)
 
     async def embed_captions(self, texts: Sequence[str]) -> np.ndarray:

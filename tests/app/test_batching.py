@@ -227,18 +227,21 @@ async def test_hot_reload_under_load_with_a_corrupt_candidate(tmp_path: Path, ap
     assert 'clipsearch_index_reloads_total{result="refused"} 1.0' in metrics
 
 
-async def test_a_request_of_many_inputs_is_queued_whole_or_not_at_all(index_dir, app_encoder) -> None:
+async def test_a_request_holds_at_most_the_queue(index_dir, app_encoder) -> None:
     """Each input of an embed request is its own queue item: a request longer than the queue was
-    429 however idle the server, and one that fit only partly queued (and computed) its first
-    inputs for nothing. The limit per request is now at most the queue, and a request is admitted
-    only when all of it fits."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    429 however idle the server. The limit per request is now at most the queue (and a request is
+    queued whole or not at all: the next test)."""
     settings = settings_for(index_dir, max_queue=4)
     async with running(settings, app_encoder) as (client, _):
         response = await client.post("/v1/embed/text", json={"texts": ["a", "b", "c", "d", "e"]})
         assert response.status_code == 400 and "at most 4 texts per request" in response.json()["error"]["message"]
         assert (await client.post("/v1/embed/text", json={"texts": ["a", "b", "c", "d"]})).status_code == 200
+
+
+async def test_a_request_whose_client_left_drops_all_its_inputs_before_the_model() -> None:
+    """The inputs of one request are queued together, all or none; when its client goes away
+    (the request is cancelled) every one of them still waiting is dropped before the model."""
+    from concurrent.futures import ThreadPoolExecutor
 
     gate = threading.Event()
     executor = ThreadPoolExecutor(1)
@@ -252,15 +255,18 @@ async def test_a_request_of_many_inputs_is_queued_whole_or_not_at_all(index_dir,
     batcher: DynamicBatcher[str] = DynamicBatcher("text", run_batch, executor, Metrics(), max_batch_size=1,
                                                   max_wait_s=0, max_queue=3)
     batcher.start()
-    busy = asyncio.create_task(batcher.submit("running", 5))
-    await asyncio.sleep(0.05)  # taken off the queue: the model is busy with it
-    waiting = [asyncio.create_task(batcher.submit(f"w{i}", 5)) for i in range(2)]
+    busy = asyncio.create_task(batcher.submit("busy", 5))
+    await asyncio.sleep(0.05)
+    request = asyncio.create_task(batcher.submit_many(["a", "b"], 5))
     await asyncio.sleep(0.01)
-    with pytest.raises(Overloaded):
-        batcher.admit(2)  # one free place: two inputs do not fit
-    batcher.admit(1)
+    assert batcher.queue.qsize() == 2
+    with pytest.raises(Overloaded):  # two more do not fit beside them: neither is queued
+        await batcher.submit_many(["x", "y"], 5)
+    assert batcher.queue.qsize() == 2
+    request.cancel()
     gate.set()
-    await asyncio.gather(busy, *waiting)
-    assert calls == [["running"], ["w0"], ["w1"]]
+    await busy
+    assert await batcher.submit("after", 5) is not None
+    assert calls == [["busy"], ["after"]]
     await batcher.stop()
     executor.shutdown(wait=False)
