@@ -234,7 +234,8 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     artifacts.sweep_trash(out_dir / artifacts.VERSIONS)
     previous, previous_index = _previous_vectors(out_dir, encoder)
     work_dir = out_dir / artifacts.WORK
-    next_shard, done = prepare_work_dir(work_dir, _run_key(source, encoder, config, previous_index))
+    next_shard, done = prepare_work_dir(work_dir, _run_key(source, encoder, config, previous_index),
+                                        {r.source for r in source.records})
     embedder = Embedder(encoder, config.batch_size, config.workers, config.limits, previous)
     for rows, _ in iter_shards(work_dir):  # files of finished shards count as seen (duplicates)
         embedder.seen.update({r.sha256: r.source for r in rows if r.kind in ("embedded", "reused")})

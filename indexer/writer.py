@@ -96,10 +96,10 @@ def _complete_shards(work_dir: Path) -> bool:
     return [p.name for p in indexes] == expected and all(p.with_suffix(".npy").is_file() for p in indexes)
 
 
-def prepare_work_dir(work_dir: Path, run_key: dict[str, Any]) -> tuple[int, set[str]]:
+def prepare_work_dir(work_dir: Path, run_key: dict[str, Any], sources: set[str] | None = None) -> tuple[int, set[str]]:
     """Open the work directory for a run: keep its shards if they belong to the same run (same
-    data, model and settings) and are whole, else start afresh. Returns (next shard number,
-    sources done)."""
+    data, model and settings), are whole and, when `sources` (this run's inputs) is given, hold
+    nothing but those; else start afresh. Returns (next shard number, sources done)."""
     run_file = work_dir / RUN_FILE
     if work_dir.exists():
         try:
@@ -121,6 +121,16 @@ def prepare_work_dir(work_dir: Path, run_key: dict[str, Any]) -> tuple[int, set[
     for rows, _ in iter_shards(work_dir):
         done.update(row.source for row in rows)
         count += 1
+    gone = done - sources if sources is not None else set()
+    if gone:
+        # files deleted (or renamed) since the interrupted run: its shards would publish them, and a
+        # copy's row may point at one of them; embedding afresh is the simple, safe answer
+        logger.info("the data changed since the interrupted run (%d of its files are gone, e.g. %s): "
+                    "starting afresh", len(gone), min(gone))
+        remove_dir(work_dir)
+        work_dir.mkdir(parents=True)
+        write_json(run_file, run_key)
+        return 0, set()
     if count:
         logger.info("resuming: %d complete shards hold %d records", count, len(done))
     return count, done

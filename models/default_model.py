@@ -183,7 +183,6 @@ def train_default_model(
     of it by seed S: the experiment protocol of the README's table (`inner_split_report` scores it).
     `changes`: settings of `RECIPE_CHANGES` to change in both cycles (an experiment).
     """
-
     if inner_split is not None and inner_split < 1:
         # seed 0 draws the recipe's own held-out split: on the training side it would hold out nothing
         raise ValueError(f"an inner split needs a seed of 1 or more, got {inner_split}")

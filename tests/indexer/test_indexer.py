@@ -660,3 +660,37 @@ def test_a_manifest_with_lone_surrogates_is_indexed(tmp_path: Path, encoder) -> 
     assert summary.balanced and summary.indexed == 1 and summary.rejected == {"unreadable": 1}
     index = load_index(tmp_path / "index")
     assert index.metadata[0]["caption"] == "caf\ufffd" and index.metadata[0]["extra"] == {"note": "x\ufffd"}
+
+
+def test_a_resumed_run_after_files_were_deleted_starts_afresh(tmp_path: Path, encoder,
+                                                              monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The shards of an interrupted run were resumed whatever had changed since: files deleted in
+    between were published all the same (and, with the input count check, the run failed)."""
+    import logging
+
+    from indexer.writer import ShardWriter
+
+    make_messy_folder(tmp_path / "data", good=40, bad=0)
+    add = ShardWriter.add
+    seen = []
+
+    def interrupted(self, outcome):
+        seen.append(outcome)
+        if len(seen) > 30:
+            raise KeyboardInterrupt  # as a Ctrl-C would, after two shards of 16
+        add(self, outcome)
+
+    monkeypatch.setattr(ShardWriter, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _index(tmp_path / "data", tmp_path / "index", encoder, shard_size=16)
+    monkeypatch.setattr(ShardWriter, "add", add)
+    assert list((tmp_path / "index" / "work").glob("*"))  # shards left to resume from
+    gone = sorted(p for p in (tmp_path / "data").rglob("img*") if p.suffix != ".txt")[:3]
+    for path in gone:
+        path.unlink()
+    with caplog.at_level(logging.INFO):
+        summary = _index(tmp_path / "data", tmp_path / "index", encoder, shard_size=16)
+    assert "the data changed since the interrupted run (3 of its files are gone" in caplog.text
+    assert summary.balanced and summary.inputs == 37 and summary.indexed + summary.duplicates == 37
+    sources = {m["source"] for m in load_index(tmp_path / "index").metadata}
+    assert not sources & {p.relative_to(tmp_path / "data").as_posix() for p in gone}
