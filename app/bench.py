@@ -109,9 +109,9 @@ def _image_payloads(count: int = 8) -> list[str]:
 
 
 async def drive(base: str, clients: int, duration_s: float, image_share: float, k: int = 10,
-                first_seed: int = 0, sample_memory_too: bool = True) -> LoadReport:
+                first_seed: int = 0, sample_memory_too: bool = True, api_key: str | None = None) -> LoadReport:
     """`clients` concurrent loops, each sending one request at a time until `duration_s` passes.
-    Client i draws its queries from seed `first_seed + i`."""
+    Client i draws its queries from seed `first_seed + i`. `api_key`: sent as a bearer token."""
     import httpx
 
     report = LoadReport()
@@ -154,7 +154,7 @@ async def drive(base: str, clients: int, duration_s: float, image_share: float, 
             await asyncio.sleep(min(every_s, max(0.0, deadline - time.perf_counter())))
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=auth_headers(api_key)) as client:
         sampler = asyncio.create_task(sample_memory(client, max(1.0, duration_s / 20))) if sample_memory_too else None
         await asyncio.gather(*(client_loop(first_seed + i, client) for i in range(clients)))
         if sampler is not None:
@@ -187,25 +187,30 @@ def batch_sizes(metrics_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _generator(base: str, clients: int, duration_s: float, image_share: float, first_seed: int,
-               sample_memory_too: bool, start_at: float) -> LoadReport:
+               sample_memory_too: bool, start_at: float, api_key: str | None) -> LoadReport:
     """One load-generator process: wait for the common start (wall clock: every process reads the
     same one), then drive its share of the clients."""
     time.sleep(max(0.0, start_at - time.time()))
     return asyncio.run(drive(base, clients, duration_s, image_share, first_seed=first_seed,
-                             sample_memory_too=sample_memory_too))
+                             sample_memory_too=sample_memory_too, api_key=api_key))
 
 
-def drive_processes(base: str, clients: int, duration_s: float, image_share: float, processes: int) -> LoadReport:
+def drive_processes(base: str, clients: int, duration_s: float, image_share: float, processes: int,
+                    api_key: str | None = None) -> LoadReport:
     """`drive` with the clients split as evenly as possible over `processes` generator processes."""
     if processes <= 1:
-        return asyncio.run(drive(base, clients, duration_s, image_share))
+        return asyncio.run(drive(base, clients, duration_s, image_share, api_key=api_key))
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     seeds = [sum(shares[:i]) for i in range(processes)]  # every client its own query stream
     # spawned interpreters import this module in about a second: start together after that
     start_at = time.time() + 3.0
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_generator, base, share, duration_s, image_share, seed, i == 0, start_at)
+        futures = [pool.submit(_generator, base, share, duration_s, image_share, seed, i == 0, start_at, api_key)
                    for i, (share, seed) in enumerate(zip(shares, seeds, strict=True))]
         return LoadReport.merged([future.result() for future in futures])
 
@@ -229,9 +234,15 @@ def _handle(args: argparse.Namespace) -> int:
         raise ValueError(f"--processes must be between 1 and --clients ({args.clients}), got {args.processes}")
     try:  # one clear line instead of a ConnectError traceback from every client
         httpx.get(f"{args.url}/healthz", timeout=10).raise_for_status()
+        # one query first: a server that wants a key refused every request of the run, unexplained
+        probe = httpx.post(f"{args.url}/v1/search/text", json={"query": QUERIES[0], "k": 1},
+                           headers=auth_headers(args.api_key), timeout=60)
     except httpx.HTTPError as exc:
         raise ValueError(f"no clipsearch server answers at {args.url} ({exc}); start one with `make serve`") from None
-    report = drive_processes(args.url, args.clients, args.duration, args.image_share, args.processes)
+    if probe.status_code == 401:
+        raise ValueError(f"the server at {args.url} " + ("refused the API key given" if args.api_key else
+                         "wants an API key (its CLIPSEARCH_API_KEYS): pass one with --api-key"))
+    report = drive_processes(args.url, args.clients, args.duration, args.image_share, args.processes, args.api_key)
     result = {"clients": args.clients, "processes": args.processes, "image_share": args.image_share,
               **report.as_dict(),
               "batches": batch_sizes(httpx.get(f"{args.url}/metrics", timeout=10).text)}
@@ -249,4 +260,6 @@ def add_command(subparsers: Any) -> None:
                         help="load-generator processes sharing the clients (one tops out near 260 requests/s)")
     parser.add_argument("--allow-shed", action="store_true",
                         help="an overload run: 429 refusals are expected and do not fail it")
+    parser.add_argument("--api-key", default=None,
+                        help="a key the server accepts (one of its CLIPSEARCH_API_KEYS), sent as a bearer token")
     parser.set_defaults(handler=_handle)

@@ -79,18 +79,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def live_server(index_dir: Path, app_encoder):
+@contextlib.contextmanager
+def serving(settings: Settings, encoder) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port (in a thread) while the block runs; its base URL."""
     port = _free_port()
-    app = create_app(settings_for(index_dir), encoder=app_encoder)
+    app = create_app(settings, encoder=encoder)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    wait_http(f"{base}/readyz", 60)
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    try:
+        wait_http(f"{base}/readyz", 60, thread=thread)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_server(index_dir: Path, app_encoder) -> Iterator[str]:
+    with serving(settings_for(index_dir), app_encoder) as base:
+        yield base
 
 
 @pytest.fixture()

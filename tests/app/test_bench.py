@@ -115,3 +115,21 @@ def test_bench_against_a_live_server_prints_its_report(live_server: str, capsys:
     assert main(["bench", "--url", live_server, "--clients", "2", "--duration", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["clients"] == 2 and report["failed"] == 0 and report["ok"] > 0
+
+
+def test_bench_against_a_server_with_api_keys(index_dir, app_encoder, capsys: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Against a server with CLIPSEARCH_API_KEYS every request was a 401 and the run just failed,
+    with no way to give a key. Now: --api-key, and a missing or wrong key said before the run."""
+    from .conftest import serving, settings_for
+
+    with serving(settings_for(index_dir, api_keys=["k1"]), app_encoder) as base:
+        assert main(["bench", "--url", base, "--clients", "2", "--duration", "1"]) == 2
+        assert "wants an API key (its CLIPSEARCH_API_KEYS): pass one with --api-key" in caplog.text
+        assert main(["bench", "--url", base, "--clients", "2", "--duration", "1", "--api-key", "k2"]) == 2
+        assert "refused the API key given" in caplog.text
+        capsys.readouterr()
+        assert main(["bench", "--url", base, "--clients", "2", "--duration", "1", "--processes", "2",
+                     "--api-key", "k1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["failed"] == 0 and report["ok"] > 0
