@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from models.images import ImageRejected, load_image
 from models.metrics import DEFAULT_KS, retrieval_recall, wilson_interval
 
 logger = logging.getLogger(__name__)
+DECODE_THREADS = 4  # image decoding releases the GIL: as the trainer's decode
 
 
 @dataclass
@@ -50,24 +52,37 @@ def held_out_only(pair_set: PairSet, fraction: float, seed: int = 0) -> PairSet:
     return PairSet(kept, pair_set.root, Counter(pair_set.skipped))
 
 
+def _decoded(path: Any) -> Image.Image | ImageRejected:
+    try:
+        return load_image(path)
+    except ImageRejected as exc:
+        return exc
+
+
 def _embed_images(encoder: DualEncoder, paths: list[Any], progress: bool) -> tuple[np.ndarray, dict[Any, int], dict[Any, str]]:
-    """(features of the readable images, their row by path, {unreadable path: reason}). Decoded and
-    embedded a few batches at a time under one progress bar: a large set is never held decoded in
-    memory at once. Chunks are whole batches of the encoder, so the rows equal one call's."""
+    """(features of the readable images, their row by path, {unreadable path: reason}). Decoded
+    (by `DECODE_THREADS` threads) and embedded a few batches at a time under one progress bar: a
+    large set is never held decoded in memory at once. Chunks are whole batches of the encoder, in
+    input order, so the rows equal one call's."""
     parts: list[np.ndarray] = []
     chunk: list[Image.Image] = []
     rows: dict[Any, int] = {}
     bad: dict[Any, str] = {}
     size = 4 * encoder.image_batch_size
-    for path in tqdm(paths, desc="images", disable=not progress):
-        try:
-            chunk.append(load_image(path))
-            rows[path] = len(rows)
-        except ImageRejected as exc:
-            bad[path] = exc.reason
-        if len(chunk) == size:
-            parts.append(encoder.encode_images(chunk))
-            chunk = []
+    with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=len(paths), desc="images",
+                                                          disable=not progress) as bar:
+        for start in range(0, len(paths), size):
+            window = paths[start:start + size]
+            for path, result in zip(window, pool.map(_decoded, window), strict=True):
+                if isinstance(result, ImageRejected):
+                    bad[path] = result.reason
+                else:
+                    chunk.append(result)
+                    rows[path] = len(rows)
+                if len(chunk) == size:
+                    parts.append(encoder.encode_images(chunk))
+                    chunk = []
+            bar.update(len(window))
     if chunk:
         parts.append(encoder.encode_images(chunk))
     features = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
