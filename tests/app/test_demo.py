@@ -114,16 +114,14 @@ def test_demo_on_a_taken_port_fails_at_once(shapes_folder: Path, tmp_path: Path,
 
 
 def test_a_demo_server_that_dies_is_noticed_at_once(tmp_path: Path) -> None:
-    """The wait for /readyz ends as soon as the server's thread has ended, not after its timeout."""
+    """The wait for /readyz ends as soon as the server's thread has ended, not after its timeout
+    (which would say "did not answer 200 within 60 s")."""
     import threading
-    import time
 
     from app.lbtest import wait_http
 
     ended = threading.Thread(target=lambda: None)
     ended.start()
     ended.join()
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="the server stopped before"):
+    with pytest.raises(RuntimeError, match="the server stopped before .* answered 200"):
         wait_http(f"http://127.0.0.1:{free_port_block(1)}/readyz", 60, thread=ended)
-    assert time.monotonic() - started < 30
