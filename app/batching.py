@@ -101,13 +101,25 @@ class DynamicBatcher(Generic[T]):
     async def submit(self, item: T, timeout_s: float) -> np.ndarray:
         """Queue one item and wait for its row `(D,)`. Raises Overloaded, NotReady, DeadlineExceeded,
         ModelFailure."""
-        return (await self.submit_many([item], timeout_s))[0]
+        (future,) = self._enqueue([item], timeout_s)
+        return await future  # cancelled with the request when the client goes away
 
     async def submit_many(self, items: Sequence[T], timeout_s: float) -> list[np.ndarray]:
         """Queue all of `items` or none (Overloaded when they do not all fit) and wait for their
         rows, in order. If one fails, or the request is cancelled (its client went away), the
         others still queued are dropped before the model."""
-        self.admit(len(items))  # no await between this check and the puts: the queue cannot fill meanwhile
+        futures = self._enqueue(items, timeout_s)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()  # a no-op for those already answered
+            raise
+
+    def _enqueue(self, items: Sequence[T], timeout_s: float) -> list[asyncio.Future[np.ndarray]]:
+        """Put every item on the queue, or none (`admit`); no await between the check and the puts,
+        so the queue cannot fill meanwhile. Returns their futures, in order."""
+        self.admit(len(items))
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         futures: list[asyncio.Future[np.ndarray]] = []
@@ -115,12 +127,7 @@ class DynamicBatcher(Generic[T]):
             futures.append(loop.create_future())
             self.queue.put_nowait(_Pending(item, futures[-1], deadline))
         self.metrics.queue_depth.labels(self.modality).set(self.queue.qsize())
-        try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
-            for future in futures:
-                future.cancel()  # a no-op for those already answered
-            raise
+        return futures
 
     # -- the consumer --------------------------------------------------------------------------
     async def _collect(self) -> list[_Pending[T]]:

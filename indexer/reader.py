@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.data import caption_file, clean_caption, is_remote, manifest_columns, read_manifest_rows
+from models.data import clean_caption, is_remote, manifest_columns, read_caption, read_manifest_rows
 from models.images import image_files
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
@@ -65,11 +65,7 @@ def read_folder(folder: Path) -> Source:
             shown = os.fsencode(source).decode("utf-8", "backslashreplace")
             records.append(Record(shown, None, problem="bad_file_name"))
             continue
-        text_file = caption_file(path)
-        caption = ""
-        if text_file is not None:
-            caption = clean_caption(text_file.read_text(encoding="utf-8", errors="replace"))
-        records.append(Record(source, path, caption))
+        records.append(Record(source, path, read_caption(path) or ""))
     return Source(root, "folder", records)
 
 

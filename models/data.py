@@ -175,17 +175,22 @@ def caption_file(image: Path) -> Path | None:
     return None
 
 
+def read_caption(image: Path) -> str | None:
+    """The first line of the image's caption file (`caption_file`), cleaned; None when it has none."""
+    text_file = caption_file(image)
+    return None if text_file is None else clean_caption(text_file.read_text(encoding="utf-8", errors="replace"))
+
+
 def read_captioned_folder(folder: Path) -> PairSet:
     """Every image under `folder` (recursive; hidden ones left out, see `images.image_files`) whose
     same-name `.txt` has a non-empty first line."""
     root = folder.resolve()
     result = PairSet(pairs=[], root=root)
     for image in image_files(root):
-        text_file = caption_file(image)
-        if text_file is None:
+        caption = read_caption(image)
+        if caption is None:
             result.skipped["missing_caption"] += 1
             continue
-        caption = clean_caption(text_file.read_text(encoding="utf-8", errors="replace"))
         if not caption:
             result.skipped["empty_caption"] += 1
             continue

@@ -61,8 +61,9 @@ async def embed_image(request: Request, service: ServiceDep) -> EmbedResponse:
 async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -> OpenAIEmbeddingResponse:
     """OpenAI-compatible text embeddings, so existing embedding clients work unchanged. `role`
     (an extra field) as in `/v1/embed/text`: `caption` for texts to be found by images."""
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if any(not isinstance(t, str) for t in texts):
+    given = [body.input] if isinstance(body.input, str) else body.input
+    texts = [t for t in given if isinstance(t, str)]
+    if len(texts) != len(given):
         # LangChain's OpenAIEmbeddings sends tiktoken ids by default: ids of OpenAI's tokenizer, not ours
         raise InvalidInput("input holds token ids; this server embeds text: send strings (LangChain's "
                            "OpenAIEmbeddings: check_embedding_ctx_length=False)")
@@ -77,8 +78,8 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, service: ServiceDep) -
         # another length than it expects
         raise InvalidInput(f"this model embeds in {service.encoder.dim} dimensions; "
                            f"dimensions={body.dimensions} is not offered (leave it out)")
-    vectors = await service.embed_for([str(t) for t in texts], body.role)
-    tokens = sum(len(str(t).split()) for t in texts)  # a word count: the tokenizer's count is model-specific
+    vectors = await service.embed_for(texts, body.role)
+    tokens = sum(len(t.split()) for t in texts)  # a word count: the tokenizer's count is model-specific
     return OpenAIEmbeddingResponse(
         data=[OpenAIEmbedding(index=i, embedding=_encoded(v, body.encoding_format)) for i, v in enumerate(vectors)],
         model=str(service.encoder.fingerprint),
