@@ -16,7 +16,7 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install apt test lint model pack train eval eval-default index serve demo bench soak lb-test clean
+.PHONY: help install apt test lint model pack train eval eval-default index serve demo bench bench-filters soak lb-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}'
@@ -93,6 +93,11 @@ bench: install ## measure: indexing images/s, QPS/latency under 32 clients [BENC
 	@$(call with_server,$(OVERLOAD_PORT),build/bench-overload.log,CLIPSEARCH_MAX_QUEUE=8) \
 	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 96 --duration 20 --allow-shed && \
 	$(CLI) bench --url http://127.0.0.1:$(OVERLOAD_PORT) --clients 8 --duration 10
+
+bench-filters: install ## new metadata filters over a million items: what they cost 8 clients' plain searches
+	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
+	$(PY) -m app.bench_filters --kind eq
+	$(PY) -m app.bench_filters --kind contains
 
 SOAK_S ?= 600
 soak: install ## memory under load: one server, 32 clients for SOAK_S seconds (default 600); RSS sampled from /metrics

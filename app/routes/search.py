@@ -12,6 +12,7 @@ from pydantic import Field
 
 from app.deps import ServiceDep
 from app.errors import InvalidInput
+from app.filters import Filter
 from app.routes.inputs import decode_base64, image_body_openapi, read_image_request
 from app.schemas import (
     ComposedSearchRequest,
@@ -22,7 +23,7 @@ from app.schemas import (
     SearchResult,
     TextSearchRequest,
 )
-from app.search import Filter, Hit, SearchService
+from app.search import Hit, SearchService
 from indexer.artifacts import LoadedIndex
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
@@ -50,14 +51,14 @@ def _result(index: LoadedIndex, hit: Hit, target: str) -> SearchResult:
     )
 
 
-def respond(service: SearchService, vector: np.ndarray, target: str, options: SearchOptions,
-            started: float) -> SearchResponse:
+async def respond(service: SearchService, vector: np.ndarray, target: str, options: SearchOptions,
+                  started: float) -> SearchResponse:
     if options.offset + options.k > service.settings.max_k:
         raise InvalidInput(f"offset + k must be at most {service.settings.max_k}")
     if target == "texts" and options.filters:
         raise InvalidInput("filters apply to image searches only")
-    index, hits = service.search_vectors(vector, target, options.k, options.offset, options.min_score,
-                                         _filters(options.filters))
+    index, hits = await service.search(vector, target, options.k, options.offset, options.min_score,
+                                       _filters(options.filters))
     total = index.image_index.ntotal if target == "images" else index.text_index.ntotal
     more = len(hits) == options.k and options.offset + options.k < total
     return SearchResponse(
@@ -73,7 +74,7 @@ async def search_text(body: TextSearchRequest, service: ServiceDep) -> SearchRes
     """Text -> images: the indexed images closest to the query text."""
     started = time.perf_counter()
     vector = (await service.embed_texts([body.query]))[0]
-    return respond(service, vector, "images", body, started)
+    return await respond(service, vector, "images", body, started)
 
 
 @router.post(
@@ -94,7 +95,7 @@ async def search_image(request: Request, service: ServiceDep) -> SearchResponse:
         vector = await service.embed_image_bytes(data)
     else:
         vector = service.stored_vector(options.id)
-    return respond(service, vector, options.target, options, started)
+    return await respond(service, vector, options.target, options, started)
 
 
 async def _term_vector(service: SearchService, term: Any) -> np.ndarray:
@@ -115,4 +116,4 @@ async def search_composed(body: ComposedSearchRequest, service: ServiceDep) -> S
     norm = float(np.linalg.norm(combined))
     if norm < 1e-6:
         raise InvalidInput("the weighted terms cancel out; change the weights")
-    return respond(service, (combined / norm).astype(np.float32), body.target, body, started)
+    return await respond(service, (combined / norm).astype(np.float32), body.target, body, started)

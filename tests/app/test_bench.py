@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from app import bench_filters
 from app.bench import LoadReport, batch_sizes, drive_processes
 from app.cli import main
 from app.lbtest import free_port_block
@@ -133,3 +135,12 @@ def test_bench_against_a_server_with_api_keys(index_dir, app_encoder, capsys: py
                      "--api-key", "k1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["failed"] == 0 and report["ok"] > 0
+
+
+def test_filter_bench_serves_both_kinds_of_client(index_dir, app_encoder) -> None:
+    """The filter benchmark's clients are all answered (a failed request would raise)."""
+    for kind in ("eq", "contains"):
+        report = asyncio.run(bench_filters.measure(index_dir, app_encoder, 2_000, 2, 1.0, kind))
+        assert report["items"] == 2_000 and report["kind"] == kind
+        assert report["plain_searches"] > 0 and report["filtered_searches"] > 0
+        assert report["plain_p50_ms"] <= report["plain_p99_ms"] <= report["plain_max_ms"]
