@@ -65,19 +65,25 @@ class ImageSearchRequest(SearchOptions):
         return self
 
 
+# One number of an embedding: JSON parsed by Python may spell NaN and Infinity, no vector holds them.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class QueryTerm(BaseModel):
-    """One weighted part of a composed query: a text, a base64 image or an indexed item's id."""
+    """One weighted part of a composed query: a text, a base64 image, an indexed item's id, or an
+    embedding of this model (`/v1/embed/...` or `/v1/embeddings` give them; normalised here)."""
 
     model_config = ConfigDict(extra="forbid")
     text: QueryText | None = Field(None, min_length=1, max_length=10_000)
     image_base64: str | None = None
     id: int | None = Field(None, ge=0)
+    vector: list[FiniteFloat] | None = Field(None, min_length=1, max_length=8192)
     weight: float = Field(1.0, ge=-10.0, le=10.0)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> QueryTerm:
-        if sum(v is not None for v in (self.text, self.image_base64, self.id)) != 1:
-            raise ValueError("a term has exactly one of text, image_base64, id")
+        if sum(v is not None for v in (self.text, self.image_base64, self.id, self.vector)) != 1:
+            raise ValueError("a term has exactly one of text, image_base64, id, vector")
         return self
 
 

@@ -130,6 +130,17 @@ class SearchService:
             raise NotFound(f"no item with id {item_id}")
         return np.asarray(index.embeddings[item_id], dtype=np.float32)
 
+    def given_vector(self, values: Sequence[float]) -> np.ndarray:
+        """A client's embedding as a query: this model's size, not all zeros; returned unit-norm."""
+        vector = np.asarray(values, dtype=np.float32)
+        if len(vector) != self.encoder.dim:
+            raise InvalidInput(f"the vector has {len(vector)} numbers; this model's embeddings have "
+                               f"{self.encoder.dim}")
+        norm = float(np.linalg.norm(vector))
+        if not norm > 0 or not np.isfinite(norm):
+            raise InvalidInput("the vector has no direction (all zeros) or overflows float32")
+        return vector / norm
+
     # -- search -----------------------------------------------------------------------------------
     def _allowed_ids(self, index: LoadedIndex, filters: Sequence[Filter]) -> np.ndarray:
         key = (index.version, tuple(filters))

@@ -103,12 +103,14 @@ async def _term_vector(service: SearchService, term: Any) -> np.ndarray:
         return (await service.embed_texts([term.text]))[0]
     if term.image_base64 is not None:
         return await service.embed_image_bytes(decode_base64(term.image_base64, "terms.image_base64"))
+    if term.vector is not None:
+        return service.given_vector(term.vector)
     return service.stored_vector(term.id)
 
 
 @router.post("", response_model=SearchResponse, response_model_exclude_none=True)
 async def search_composed(body: ComposedSearchRequest, service: ServiceDep) -> SearchResponse:
-    """Composed query: the weighted sum of several text / image / item terms, renormalised.
+    """Composed query: the weighted sum of several text / image / item / vector terms, renormalised.
     Negative weights subtract ("beach" minus "people"; this image plus "red")."""
     started = time.perf_counter()
     vectors = [await _term_vector(service, term) for term in body.terms]

@@ -369,3 +369,27 @@ async def test_cors_only_for_listed_origins(index_dir, app_encoder) -> None:
         body = json.dumps({"query": "x"})
         assert (await client.post("/v1/search/text", content=body,
                                   headers={"content-type": "application/json"})).status_code == 200
+
+
+async def test_search_by_a_vector_of_this_model(index_dir, app_encoder) -> None:
+    """An embedding from /v1/embed/text searched as a `vector` term finds what the text finds;
+    vectors of another size, without direction or with NaN are refused with a message."""
+    async with running(settings_for(index_dir), app_encoder) as (client, _):
+        vector = (await client.post("/v1/embed/text", json={"texts": ["a red circle"]})).json()["embeddings"][0]
+        by_text = (await client.post("/v1/search/text", json={"query": "a red circle", "k": 5})).json()
+        scaled = [3 * x for x in vector]  # any length: the server normalises
+        by_vector = (await client.post("/v1/search", json={"terms": [{"vector": scaled}], "k": 5})).json()
+        assert [r["id"] for r in by_vector["results"]] == [r["id"] for r in by_text["results"]]
+        np.testing.assert_allclose([r["score"] for r in by_vector["results"]],
+                                   [r["score"] for r in by_text["results"]], atol=1e-4)
+        short = _assert_error(await client.post("/v1/search", json={"terms": [{"vector": vector[:-1]}]}),
+                              400, "invalid_input")
+        assert short["message"] == (f"the vector has {len(vector) - 1} numbers; this model's embeddings "
+                                    f"have {len(vector)}")
+        zeros = await client.post("/v1/search", json={"terms": [{"vector": [0.0] * len(vector)}]})
+        assert "no direction" in _assert_error(zeros, 400, "invalid_input")["message"]
+        nan = await client.post("/v1/search", content=json.dumps({"terms": [{"vector": [float("nan")] * len(vector)}]}),
+                                headers={"content-type": "application/json"})
+        _assert_error(nan, 422)
+        both = await client.post("/v1/search", json={"terms": [{"vector": vector, "text": "a"}]})
+        assert "exactly one of text, image_base64, id, vector" in _assert_error(both, 422)["message"]
