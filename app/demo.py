@@ -47,12 +47,15 @@ def _curl(base: str, path: str, body: dict[str, Any]) -> str:
     return f"curl -s {base}{path} -H 'content-type: application/json' -d '{json.dumps(body)}'"
 
 
-def _results(base: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+def _results(base: str, path: str, body: dict[str, Any], side_may_lack: bool = False) -> list[dict[str, Any]] | None:
     """The `results` of one search; a refusal (say, a k above the server's limit) raises ValueError
-    with the server's own message instead of a KeyError on the missing field."""
+    with the server's own message instead of a KeyError on the missing field. With `side_may_lack`,
+    an index without the side searched (409: no captions, say) gives None."""
     import httpx
 
     response = httpx.post(f"{base}{path}", json=body, timeout=30)
+    if response.status_code == 409 and side_may_lack:
+        return None
     if response.status_code != 200:
         error = response.json().get("error", {}) if "json" in response.headers.get("content-type", "") else {}
         raise ValueError(f"the server refused {path} {json.dumps(body)}: {response.status_code} "
@@ -70,7 +73,7 @@ def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> 
         lines += ["| query | top results (score, stamp file: its description) |", "|---|---|"]
     for query in queries:
         body = {"query": query, "k": k}
-        results = _results(base, "/v1/search/text", body)
+        results = _results(base, "/v1/search/text", body) or []
         if markdown:
             cells = "<br>".join(f"{r['score']:.2f} `{Path(r['source']).name}`: {r['caption'] or '-'}"
                                 for r in results)
@@ -82,7 +85,10 @@ def show_examples(base: str, queries: Sequence[str], k: int, markdown: bool) -> 
     if not markdown:
         body = {"id": 0, "k": 3, "target": "texts"}
         item = httpx.get(f"{base}/v1/items/0", timeout=30).json()
-        labels = _results(base, "/v1/search/image", body)
+        labels = _results(base, "/v1/search/image", body, side_may_lack=True)
+        if labels is None:
+            lines.append("\nimage -> text: skipped, the gallery's images came without captions")
+            return "\n".join(lines)
         lines.append(f"\nimage -> text: captions nearest to the image of item 0 ({item['source']})")
         lines.append(f"$ {_curl(base, '/v1/search/image', body)}")
         for rank, r in enumerate(labels, 1):

@@ -54,6 +54,13 @@ class NotFound(ServiceError):
     status, type = 404, "not_found"
 
 
+class EmptySide(ServiceError):
+    """The index holds nothing of the kind searched: no captions (images indexed without them) or
+    no images (an index of labels alone). An empty answer would look like "nothing matched"."""
+
+    status, type = 409, "empty_index"
+
+
 class Unauthorized(ServiceError):
     status, type = 401, "unauthorized"
 

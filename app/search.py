@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from app.batching import DynamicBatcher
-from app.errors import InvalidImage, InvalidInput, NotFound, NotReady, UnsupportedImage
+from app.errors import EmptySide, InvalidImage, InvalidInput, NotFound, NotReady, UnsupportedImage
 from app.filters import Filter, MetadataColumns
 from app.observability import Metrics
 from app.schemas import TextRole
@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 # vectors of 384 dimensions on 2 cores); the index build draws the same line.
 FILTERED_EXACT_LIMIT = 20_000
 MAX_EF_SEARCH = 4096  # the highest efSearch the index build's tuning tries
+EMPTY_SIDE = {
+    "texts": "this index holds no captions or labels (its images came without them), so image -> text "
+             "search has nothing to search: index captioned images, or a labels file (README, Indexing)",
+    "images": "this index holds no images (it was built from labels alone): search its texts with "
+              "target \"texts\", or index images",
+}
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class SearchService:
         started = time.perf_counter()
         index = self.index  # one consistent version for the whole request, even across a reload
         faiss_index = index.image_index if target == "images" else index.text_index
+        if faiss_index.ntotal == 0:
+            raise EmptySide(EMPTY_SIDE[target])
         want = min(offset + k, faiss_index.ntotal)
         if want <= offset:
             return index, []

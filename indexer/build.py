@@ -140,8 +140,9 @@ def build_index(vectors: np.ndarray, factory: str | None = None, memory_budget_b
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     count, dim = vectors.shape
     chosen = factory or choose_factory(count, dim, memory_budget_bytes, exact_threshold)
-    logger.info("building %s over %d vectors of dim %d%s", chosen, count, dim,
-                " on the GPU" if use_gpu and gpu_count() else "")
+    if count:
+        logger.info("building %s over %d vectors of dim %d%s", chosen, count, dim,
+                    " on the GPU" if use_gpu and gpu_count() else "")
     index = _train_and_add(chosen, vectors, use_gpu)
     plan = tune(index, chosen, vectors) if count else IndexPlan(chosen)
     return index, plan

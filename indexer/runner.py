@@ -292,6 +292,10 @@ def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: n
     version = artifacts.new_version_dir(config.out_dir)
     image_index, image_plan = build_index(image_vectors, config.index_type, config.memory_budget_bytes,
                                           config.use_gpu)
+    if not texts:
+        logger.info("no captions or labels: image -> text search of this index will say so (409)")
+    elif not metadata:
+        logger.info("no images: only image -> text search applies to this index")
     # the documents of image -> text search: the encoder's caption side (its image bank, if any)
     text_vectors = encoder.encode_captions([t["text"] for t in texts])
     text_index, text_plan = build_index(text_vectors, None, config.memory_budget_bytes, config.use_gpu)

@@ -393,3 +393,27 @@ async def test_search_by_a_vector_of_this_model(index_dir, app_encoder) -> None:
         _assert_error(nan, 422)
         both = await client.post("/v1/search", json={"terms": [{"vector": vector, "text": "a"}]})
         assert "exactly one of text, image_base64, id, vector" in _assert_error(both, 422)["message"]
+
+
+async def test_a_side_the_index_lacks_is_said_not_answered_empty(tmp_path, app_encoder) -> None:
+    """Image -> text search on images indexed without captions, and image search on an index of
+    labels alone: 409 saying what the index lacks, where an empty list would read "no match"."""
+    from indexer.reader import open_source
+    from indexer.runner import IndexConfig, run_index
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(png_bytes())
+    (tmp_path / "photos" / "b.png").write_bytes(png_bytes((20, 200, 20)))
+    run_index(open_source(tmp_path / "photos"), app_encoder, IndexConfig(out_dir=tmp_path / "no-captions", progress=False))
+    (tmp_path / "labels.txt").write_text("a bird\na road sign\n")
+    run_index(open_source(tmp_path / "labels.txt"), app_encoder, IndexConfig(out_dir=tmp_path / "labels", progress=False))
+    async with running(settings_for(tmp_path / "no-captions"), app_encoder) as (client, _):
+        assert len((await client.post("/v1/search/image", json={"id": 0})).json()["results"]) == 2
+        for response in (await client.post("/v1/search/image", json={"id": 0, "target": "texts"}),
+                         await client.post("/v1/search", json={"terms": [{"text": "a"}], "target": "texts"})):
+            assert "holds no captions or labels" in _assert_error(response, 409, "empty_index")["message"]
+    async with running(settings_for(tmp_path / "labels"), app_encoder) as (client, _):
+        found = await client.post("/v1/search/image", json={"image_base64": _b64(png_bytes()), "target": "texts"})
+        assert len(found.json()["results"]) == 2
+        refused = await client.post("/v1/search/text", json={"query": "a bird"})
+        assert "holds no images" in _assert_error(refused, 409, "empty_index")["message"]

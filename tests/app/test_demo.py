@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app.demo import EXAMPLE_QUERIES, STAMPS_ROOT, run_demo
 from app.lbtest import free_port_block
@@ -75,6 +76,21 @@ def test_demo_prints_the_curl_commands_it_ran(shapes_folder: Path, tmp_path: Pat
     assert run_demo(*args, k=2, markdown=False, serve=False) == 0
     second = capsys.readouterr().out
     assert f"(embedded 0, reused {images})" in second and "nothing changed" in second
+
+
+def test_demo_on_a_gallery_without_captions_skips_image_to_text(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--gallery` of photos without captions: the text queries run, image -> text is said skipped
+    (the server's 409 `empty_index`), not a failed demo."""
+    gallery = tmp_path / "photos"
+    gallery.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (32, 32), color).save(gallery / f"{i}.png")
+    args = ("default", gallery, tmp_path / "index", "127.0.0.1", free_port_block(1), ["a red circle"])
+    assert run_demo(*args, k=2, markdown=False, serve=False) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^  [12]\. \d\.\d{3}  \d\.png  \(no caption\)$", out, re.MULTILINE)) == 2, out
+    assert out.rstrip().endswith("image -> text: skipped, the gallery's images came without captions")
 
 
 def test_demo_refuses_a_k_below_one_before_indexing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
