@@ -162,13 +162,15 @@ def create_app(settings: Settings | None = None, encoder: Any = None) -> FastAPI
             from models import load_encoder
 
             model = await asyncio.to_thread(load_encoder, settings.model, settings.pretrained, settings.device)
-        index = await asyncio.to_thread(load_serving_index, settings, model)
-        service = SearchService(model, index, settings, metrics)
+        # no local name for the first index: this frame lives as long as the server, and would keep
+        # that version (its FAISS index and metadata) in memory after every hot reload
+        service = SearchService(model, await asyncio.to_thread(load_serving_index, settings, model), settings,
+                                metrics)
         await asyncio.to_thread(_warm_up, service)
         service.start()
         app.state.service = service
-        logger.info("serving %d items of index %s with model %s", len(index.metadata), index.version,
-                    model.fingerprint)
+        logger.info("serving %d items of index %s with model %s", len(service.index.metadata),
+                    service.index.version, model.fingerprint)
         reloader = (asyncio.get_running_loop().create_task(_reload_loop(app, settings.reload_interval_s))
                     if settings.reload_interval_s > 0 else None)
         try:

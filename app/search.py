@@ -67,7 +67,7 @@ class SearchService:
             "image", self._encode_pixels, self.device_thread, metrics,
             settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
         self._filter_cache: dict[tuple[Any, ...], np.ndarray] = {}
-        self._columns: tuple[LoadedIndex, MetadataColumns] | None = None  # of the version last filtered
+        self._columns: tuple[str, MetadataColumns] | None = None  # of the version last filtered
         self._refused: Path | None = None  # a published version that failed its checks
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -153,8 +153,8 @@ class SearchService:
         cached = self._filter_cache.get(key)
         if cached is None:
             columns = self._columns
-            if columns is None or columns[0] is not index:
-                columns = self._columns = (index, MetadataColumns(index.metadata))
+            if columns is None or columns[0] != index.version:
+                columns = self._columns = (index.version, MetadataColumns(index.metadata))
             cached = columns[1].allowed_ids(filters)
             if len(self._filter_cache) > 256:
                 self._filter_cache.clear()
@@ -242,6 +242,7 @@ class SearchService:
             self._refused = current
             return False
         self.index = candidate  # one reference assignment: requests in flight keep their version
+        self._columns = None  # would keep the old version's metadata alive until a filtered search
         self.metrics.reloads.labels("switched").inc()
         logger.info("now serving index %s (%d items)", candidate.version, len(candidate.metadata))
         return True

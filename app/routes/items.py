@@ -6,6 +6,7 @@ import io
 
 from fastapi import APIRouter, Path
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from app.deps import ServiceDep
 from app.schemas import Item
@@ -33,8 +34,6 @@ def _encoded(service: SearchService, item_id: int, max_side: int | None, fmt: st
             responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown id"}})
 async def get_item_image(service: ServiceDep, item_id: int = ItemId) -> Response:
     """The indexed image, decoded and re-encoded as PNG (never the stored bytes as they are)."""
-    from starlette.concurrency import run_in_threadpool
-
     data = await run_in_threadpool(_encoded, service, item_id, None, "PNG")
     return Response(data, media_type="image/png", headers=_HEADERS)
 
@@ -42,7 +41,5 @@ async def get_item_image(service: ServiceDep, item_id: int = ItemId) -> Response
 @router.get("/{item_id}/thumbnail", response_class=Response,
             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id"}})
 async def get_item_thumbnail(service: ServiceDep, item_id: int = ItemId) -> Response:
-    from starlette.concurrency import run_in_threadpool
-
     data = await run_in_threadpool(_encoded, service, item_id, service.settings.thumbnail_size, "JPEG")
     return Response(data, media_type="image/jpeg", headers=_HEADERS)

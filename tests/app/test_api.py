@@ -417,3 +417,30 @@ async def test_a_side_the_index_lacks_is_said_not_answered_empty(tmp_path, app_e
         assert len(found.json()["results"]) == 2
         refused = await client.post("/v1/search/text", json={"query": "a bird"})
         assert "holds no images" in _assert_error(refused, 409, "empty_index")["message"]
+
+
+async def test_filters_follow_a_hot_reload_and_let_the_old_version_go(tmp_path, app_encoder) -> None:
+    """A filter judged on one version is judged again on the next (its new items found), and the
+    old version (FAISS index, metadata: gigabytes for a million items) is freed: neither the
+    filter columns nor the server's start still hold it."""
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from .conftest import build_index
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(tmp_path / "data" / "red.png")
+    build_index(tmp_path / "data", tmp_path / "index", app_encoder)
+    async with running(settings_for(tmp_path / "index"), app_encoder) as (client, app):
+        body = {"query": "x", "filters": [{"field": "source", "prefix": "new"}]}
+        assert (await client.post("/v1/search/text", json=body)).json()["results"] == []
+        old = weakref.ref(app.state.service.index)
+        Image.new("RGB", (24, 24), (30, 200, 30)).save(tmp_path / "data" / "new.png")
+        build_index(tmp_path / "data", tmp_path / "index", app_encoder)
+        assert app.state.service.try_reload()
+        found = (await client.post("/v1/search/text", json=body)).json()["results"]
+        assert [r["source"] for r in found] == ["new.png"]
+        gc.collect()
+        assert old() is None  # the server's start kept its first version alive after any reload
