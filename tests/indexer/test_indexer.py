@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.artifacts import InvalidIndex, load_index
+from indexer.artifacts import InvalidIndex, load_index, read_jsonl_rows
 from indexer.reader import open_source
 from indexer.runner import IndexConfig, run_index
 from models import FingerprintMismatch, load_encoder
@@ -369,6 +369,22 @@ def test_corrupt_or_incomplete_index_refused(tmp_path: Path, encoder) -> None:
         load_index(broken)
     with pytest.raises(InvalidIndex):
         load_index(tmp_path / "nothing-here")
+
+
+def test_metadata_rows_are_read_whole_with_shared_keys(tmp_path: Path) -> None:
+    """The rows as a parse line by line gives them (blank lines skipped, any Unicode), with each
+    key one string shared by every row: the memory of a million items' metadata depends on it."""
+    rows = [{"id": i, "source": f"a/{i}.png", "caption": "ein Vogel 🐦, \"quoted\"", "extra": {"n": [i]}}
+            for i in range(3)]
+    path = tmp_path / "metadata.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)) + "\n\n",
+                    encoding="utf-8")
+    read = read_jsonl_rows(path)
+    assert read == rows
+    assert all(a is b for a, b in zip(read[0], read[2], strict=True))
+    empty = tmp_path / "texts.jsonl"
+    empty.write_text("")
+    assert read_jsonl_rows(empty) == []
 
 
 def test_manifest_and_labels_inputs(tmp_path: Path, encoder) -> None:
