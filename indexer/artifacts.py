@@ -119,14 +119,16 @@ def resolve_version(path: Path) -> Path:
     raise InvalidIndex(f"{path} holds no published index (no {MANIFEST} and no {CURRENT} link)")
 
 
-def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file we wrote, parsed as one JSON array: one parser call shares each key's
-    string among all rows, where a call per line gave every row its own copies (a million items'
-    metadata: 755 MB instead of 1,263 MB in memory, and 4.1 s instead of 5.9 to read)."""
-    text = path.read_text(encoding="utf-8")
-    joined = ",".join(line for line in text.splitlines() if line.strip())
-    del text  # the peak holds the text twice, not three times
-    rows: list[dict[str, Any]] = json.loads("[" + joined + "]")
+def read_jsonl_rows(path: Path, rows_per_parse: int = 1000) -> list[dict[str, Any]]:
+    """The rows of a JSONL file we wrote, parsed a thousand at a time as JSON arrays: one parser call
+    shares each key's string among its rows, where a call per line gave every row its own copies (a
+    million items' metadata: 750 MB instead of 1,268 MB in memory, read in 5.1 s instead of 6.8).
+    Not the whole file in one call: a parser call holds the interpreter, and a server reloading
+    its index must keep answering meanwhile (one call on a million rows held it for 4 s)."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(lines), rows_per_parse):
+        rows.extend(json.loads("[" + ",".join(lines[start:start + rows_per_parse]) + "]"))
     return rows
 
 

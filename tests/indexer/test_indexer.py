@@ -382,6 +382,8 @@ def test_metadata_rows_are_read_whole_with_shared_keys(tmp_path: Path) -> None:
     read = read_jsonl_rows(path)
     assert read == rows
     assert all(a is b for a, b in zip(read[0], read[2], strict=True))
+    in_pairs = read_jsonl_rows(path, rows_per_parse=2)  # shared within each parser call
+    assert in_pairs == rows and all(a is b for a, b in zip(in_pairs[0], in_pairs[1], strict=True))
     empty = tmp_path / "texts.jsonl"
     empty.write_text("")
     assert read_jsonl_rows(empty) == []
