@@ -118,8 +118,12 @@ class Summary:
         check = "==" if self.balanced else "!="
         lines.append(f"check      inputs {check} indexed + duplicates + rejected" +
                      (" + texts" if self.texts_only else ""))
-        lines.append(f"time       {self.seconds:.1f} s in all; embedding {self.embedded} images took "
-                     f"{self.embed_seconds:.1f} s ({rate:.1f} images/s)")
+        if self.embedded:
+            lines.append(f"time       {self.seconds:.1f} s in all; embedding {self.embedded} images took "
+                         f"{self.embed_seconds:.1f} s ({rate:.1f} images/s)")
+        else:  # every file was known: the pipeline only read and hashed them
+            lines.append(f"time       {self.seconds:.1f} s in all; no image needed embedding (files checked "
+                         f"in {self.embed_seconds:.1f} s)")
         if self.all_rejected:
             outcome = (f"nothing: every one of the {self.inputs} inputs was rejected (see the reasons above); "
                        "the published index, if any, is untouched")

@@ -65,6 +65,8 @@ def test_thousand_images_with_thirty_bad(tmp_path: Path, encoder) -> None:
     again = _index(tmp_path / "data", tmp_path / "index", encoder, shard_size=256)
     assert again.embedded == 0 and again.reused == summary.indexed and again.unchanged
     assert load_index(tmp_path / "index").version == index.version
+    assert "no image needed embedding (files checked in" in again.render()  # not "0 images ... 0.0 images/s"
+    assert "embedding 1000 images took" in summary.render()
 
 
 def test_identical_files_embedded_once_keep_all_paths(tmp_path: Path, encoder) -> None:
