@@ -13,7 +13,7 @@ import sys
 
 from pydantic import ValidationError
 
-from app import bench, demo, lbtest, serve
+from app import bench, demo, lbtest, search_cli, serve
 from app.errors import error_field, error_message
 from indexer import cli as index_cli
 from models import cli as model_cli
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.add_commands(subparsers)
     index_cli.add_command(subparsers)
     serve.add_command(subparsers)
+    search_cli.add_command(subparsers)
     demo.add_command(subparsers)
     bench.add_command(subparsers)
     lbtest.add_command(subparsers)

@@ -26,7 +26,7 @@ from app.batching import DynamicBatcher
 from app.errors import EmptySide, InvalidImage, InvalidInput, NotFound, NotReady, UnsupportedImage
 from app.filters import Filter, MetadataColumns
 from app.observability import Metrics
-from app.schemas import TextRole
+from app.schemas import SearchResult, TextRole
 from app.settings import Settings
 from indexer.artifacts import InvalidIndex, LoadedIndex, load_index, resolve_version, search_parameters
 from models import FingerprintMismatch, ImageLimits, ImageRejected, decode_image
@@ -246,6 +246,19 @@ class SearchService:
         self.metrics.reloads.labels("switched").inc()
         logger.info("now serving index %s (%d items)", candidate.version, len(candidate.metadata))
         return True
+
+
+def as_result(index: LoadedIndex, hit: Hit, target: str) -> SearchResult:
+    """One hit as the API returns it: a caption entry (`texts`) or an item with its metadata."""
+    if target == "texts":
+        entry = index.texts[hit.id]
+        return SearchResult(id=hit.id, score=hit.score, caption=entry["text"], item_ids=entry["ids"])
+    meta = index.metadata[hit.id]
+    return SearchResult(
+        id=hit.id, score=hit.score, source=meta["source"], caption=meta["caption"], width=meta["width"],
+        height=meta["height"], duplicates=meta["duplicates"], **{k: v for k, v in meta["extra"].items()
+                                                                  if k not in SearchResult.model_fields},
+    )
 
 
 def search_allowed(faiss_index: faiss.Index, spec: dict[str, Any], vectors: np.ndarray, allowed: np.ndarray,

@@ -20,11 +20,9 @@ from app.schemas import (
     ImageSearchRequest,
     SearchOptions,
     SearchResponse,
-    SearchResult,
     TextSearchRequest,
 )
-from app.search import Hit, SearchService
-from indexer.artifacts import LoadedIndex
+from app.search import SearchService, as_result
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
@@ -39,18 +37,6 @@ def _filters(specs: Sequence[FilterSpec]) -> list[Filter]:
     return [Filter(s.field, s.eq, s.prefix, s.gte, s.lte, s.contains) for s in specs]
 
 
-def _result(index: LoadedIndex, hit: Hit, target: str) -> SearchResult:
-    if target == "texts":
-        entry = index.texts[hit.id]
-        return SearchResult(id=hit.id, score=hit.score, caption=entry["text"], item_ids=entry["ids"])
-    meta = index.metadata[hit.id]
-    return SearchResult(
-        id=hit.id, score=hit.score, source=meta["source"], caption=meta["caption"], width=meta["width"],
-        height=meta["height"], duplicates=meta["duplicates"], **{k: v for k, v in meta["extra"].items()
-                                                                  if k not in SearchResult.model_fields},
-    )
-
-
 async def respond(service: SearchService, vector: np.ndarray, target: str, options: SearchOptions,
                   started: float) -> SearchResponse:
     if options.offset + options.k > service.settings.max_k:
@@ -62,7 +48,7 @@ async def respond(service: SearchService, vector: np.ndarray, target: str, optio
     total = index.image_index.ntotal if target == "images" else index.text_index.ntotal
     more = len(hits) == options.k and options.offset + options.k < total
     return SearchResponse(
-        results=[_result(index, h, target) for h in hits],
+        results=[as_result(index, h, target) for h in hits],
         next_offset=options.offset + options.k if more else None,
         index_version=index.version,
         took_ms=round((time.perf_counter() - started) * 1000, 2),
