@@ -7,6 +7,7 @@ It lives in `app/` because `app` sits on top of the dependency chain (`models` <
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -19,12 +20,20 @@ from indexer import cli as index_cli
 from models import cli as model_cli
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("clipsearch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipsearch",
         description="CLIP-style cross-modal retrieval: train and evaluate dual encoders, search images.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"clipsearch {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_cli.add_commands(subparsers)
     index_cli.add_command(subparsers)

@@ -21,8 +21,17 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "eval", "model", "demo"):
+    for command in ("train", "eval", "model", "index", "serve", "search", "demo", "bench", "lb-test"):
         assert command in out
+
+
+def test_version_is_the_installed_package_s(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"clipsearch {importlib.metadata.version('clipsearch')}\n"
 
 
 def test_eval_reports_recall(shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
