@@ -15,7 +15,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as when
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .conftest import png_bytes
+from .conftest import png_bytes, serving, settings_for
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
 
@@ -52,6 +52,14 @@ def test_search_page(browser, live_server: str, tmp_path: Path) -> None:
     assert "results for \"a red circle\"" in browser.find_element(By.ID, "status").text
     captions = [c.find_element(By.CSS_SELECTOR, ".caption").text for c in cards]
     assert all(caption for caption in captions)
+    # the next page (the index holds 40 items), appended below; then there is no further page
+    more = browser.find_element(By.ID, "more")
+    assert more.is_displayed()
+    more.click()
+    assert len(_cards(browser, 40)) == 40
+    WebDriverWait(browser, 30).until(lambda b: not b.find_element(By.ID, "more").is_displayed())
+    assert "40 results for \"a red circle\"" in browser.find_element(By.ID, "status").text
+    cards = browser.find_elements(By.CSS_SELECTOR, ".card")
 
     cards[0].find_element(By.CSS_SELECTOR, "button.more").click()
     WebDriverWait(browser, 30).until(lambda b: "images like" in b.find_element(By.ID, "status").text)
@@ -64,3 +72,21 @@ def test_search_page(browser, live_server: str, tmp_path: Path) -> None:
     WebDriverWait(browser, 30).until(lambda b: "query.png" in b.find_element(By.ID, "status").text)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
+
+
+def test_search_page_on_a_server_with_api_keys(browser, index_dir: Path, app_encoder) -> None:
+    """A 401 brings up the key field; with the key the search and its thumbnails load."""
+    with serving(settings_for(index_dir, api_keys=["k1"]), app_encoder) as base:
+        browser.get(f"{base}/")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(f"{base}/")
+        key = browser.find_element(By.ID, "key")
+        assert not key.is_displayed()
+        browser.find_element(By.ID, "query").send_keys("a red circle", Keys.ENTER)
+        WebDriverWait(browser, 30).until(lambda b: "needs an API key" in b.find_element(By.ID, "status").text)
+        assert key.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, ".card")
+        key.send_keys("k1", Keys.ENTER)
+        _cards(browser, 24)
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+            "return [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"))
+        assert browser.find_element(By.ID, "more").is_displayed()
