@@ -346,6 +346,11 @@ def _create_open_clip(name: str, pretrained: str | None, device: torch.device | 
     """open_clip's model `name` with `pretrained` weights. A checkpoint file that torch cannot read
     (weights only: never arbitrary pickles) or that holds another architecture's weights raises
     ValueError in one line; open_clip's own errors were a traceback or a list of every missing key."""
+    if pretrained is not None and not Path(pretrained).exists():
+        if "/" in pretrained or Path(pretrained).suffix in CHECKPOINT_SUFFIXES:
+            raise FileNotFoundError(f"checkpoint file {pretrained} not found")
+        if name in open_clip.list_models():  # (an unknown name: open_clip's own error says so)
+            _ensure_known_tag(name, pretrained)
     try:
         with quiet_model_build():
             return open_clip.create_model(name, pretrained=pretrained, device=device)
@@ -359,6 +364,21 @@ def _create_open_clip(name: str, pretrained: str | None, device: torch.device | 
                 "clipsearch's default: nothing is downloaded unasked). To download them, run with HF_HUB_OFFLINE=0; "
                 "or give a local checkpoint file or model directory instead") from None
         raise
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _ensure_known_tag(name: str, tag: str) -> None:
+    """Refuse a `tag` that is neither a file nor one of `name`'s published tags, in one line (open_clip
+    logs its own error with every tag, then raises a second one: the same thing said twice)."""
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    clean = tag.lower().replace("-", "_")
+    if any(clean == known.lower().replace("-", "_") for known in tags):
+        return
+    offer = (f"its tags: {', '.join(tags)}" if tags else f"open_clip publishes no weights for {name}")
+    raise ValueError(f"pretrained {tag!r} is neither a file nor a published tag of {name} ({offer}); "
+                     "give a tag or a checkpoint file")
 
 
 class WeightsNotCached(RuntimeError):

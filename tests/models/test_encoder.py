@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +108,10 @@ def test_checkpoint_files_that_do_not_load_say_why_in_one_line(tiny_encoder, tmp
 def test_unknown_sources_raise_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KeyError, match="unknown architecture"):
         load_encoder("no-such-architecture", device="cpu")
-    with pytest.raises((FileNotFoundError, RuntimeError)):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint file {tmp_path}/missing.pt not found"):
         load_encoder(TINY, pretrained=str(tmp_path / "missing.pt"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="checkpoint file missing.safetensors not found"):
+        load_encoder("ViT-B-32", pretrained="missing.safetensors", device="cpu")
     with pytest.raises(FileNotFoundError, match="model directory .*missing-model not found"):
         load_encoder(str(tmp_path / "missing-model"), device="cpu")
     with pytest.raises(FileNotFoundError, match="is not a model directory: it has no open_clip_config.json"):
@@ -135,6 +138,18 @@ def test_a_pretrained_tag_with_the_hub_off_says_how_to_download(monkeypatch: pyt
     with pytest.raises(RuntimeError, match=r"the weights of hf-hub:org/model are not in the local model cache, "
                                            r"and the model hub is off"):
         load_encoder("hf-hub:org/model", device="cpu")
+
+
+def test_an_unknown_pretrained_tag_is_said_once_with_the_tags(caplog: pytest.LogCaptureFixture) -> None:
+    """open_clip logged its own error with every tag, then raised a second one: said twice."""
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ValueError, match=r"pretrained 'nosuchtag' is neither a file nor a published tag of "
+                                         r"ViT-B-32 \(its tags: openai, laion400m_e31, .*\); give a tag or a "
+                                         r"checkpoint file"):
+        load_encoder("ViT-B-32", "nosuchtag", device="cpu")
+    with pytest.raises(ValueError, match=f"open_clip publishes no weights for {TINY}"):
+        load_encoder(TINY, "openai", device="cpu")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_fingerprint_identifies_weights(tiny_encoder) -> None:
