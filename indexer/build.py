@@ -93,9 +93,11 @@ def _param_name(factory: str) -> str | None:
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    return exact.search(queries, k)[1]
+    """Ids of the exact top `k` by inner product, scanning `vectors` where they lie (a flat index
+    would first copy them all: 1.5 GB more at a million vectors of 384 dimensions)."""
+    _, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                       np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
+    return ids
 
 
 def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int,
