@@ -1,4 +1,4 @@
-"""Filtered searches in approximate indexes find the best allowed items: exactly among a rare
+"""Filtered searches find the best allowed items: in approximate indexes exactly among a rare
 subset, through the index with a raised search parameter otherwise; both checked against a
 plain exact search restricted to the same ids."""
 
@@ -23,7 +23,7 @@ def vectors() -> np.ndarray:
     return points.astype(np.float32)
 
 
-@pytest.fixture(scope="module", params=["HNSW32", "IVF128,Flat"])
+@pytest.fixture(scope="module", params=["Flat", "HNSW32", "IVF128,Flat"])
 def built(request, vectors) -> tuple[faiss.Index, dict]:
     index, plan = build_index(vectors, factory=request.param, use_gpu=False)
     return index, {"factory": plan.factory, "search_params": plan.search_params}
