@@ -277,18 +277,16 @@ def search_allowed(faiss_index: faiss.Index, spec: dict[str, Any], vectors: np.n
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.lexsort((allowed[top], -scores[top]))]  # best first; ties by id
         return scores[top][None], allowed[top][None]
+    # as many allowed candidates as an unfiltered search sees: the parameter over the allowed share
     share = len(allowed) / faiss_index.ntotal
-    selector = faiss.IDSelectorBatch(allowed)
+    raised = dict(values)
     if factory.startswith("HNSW"):
         ef = int(values.get("efSearch", 64))
-        raised = max(ef, min(MAX_EF_SEARCH, math.ceil(ef / share)))
-        params: Any = faiss.SearchParametersHNSW(sel=selector, efSearch=raised)  # type: ignore[attr-defined]
+        raised["efSearch"] = max(ef, min(MAX_EF_SEARCH, math.ceil(ef / share)))
     elif factory.startswith("IVF"):
         nprobe = int(values.get("nprobe", 16))
-        lists = faiss.extract_index_ivf(faiss_index).nlist
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=min(lists, math.ceil(nprobe / share)))  # type: ignore[call-arg]
-    else:
-        params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+        raised["nprobe"] = min(faiss.extract_index_ivf(faiss_index).nlist, math.ceil(nprobe / share))
+    params = search_parameters(factory, raised, faiss.IDSelectorBatch(allowed))
     return faiss_index.search(query, k, params=params)
 
 

@@ -74,13 +74,16 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def search_parameters(factory: str, search_params: dict[str, int]) -> faiss.SearchParameters | None:
-    """Per-call FAISS search parameters (thread-safe, unlike setting them on the shared index)."""
+def search_parameters(factory: str, search_params: dict[str, int],
+                      selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
+    """Per-call FAISS search parameters (thread-safe, unlike setting them on the shared index),
+    with `selector` (the ids a filter allows) when given."""
+    chosen: dict[str, Any] = {} if selector is None else {"sel": selector}
     if factory.startswith("HNSW") and "efSearch" in search_params:
-        return faiss.SearchParametersHNSW(efSearch=int(search_params["efSearch"]))  # type: ignore[attr-defined]
+        return faiss.SearchParametersHNSW(efSearch=int(search_params["efSearch"]), **chosen)  # type: ignore[attr-defined]
     if factory.startswith("IVF") and "nprobe" in search_params:
-        return faiss.SearchParametersIVF(nprobe=int(search_params["nprobe"]))  # type: ignore[call-arg]
-    return None
+        return faiss.SearchParametersIVF(nprobe=int(search_params["nprobe"]), **chosen)  # type: ignore[call-arg]
+    return faiss.SearchParameters(**chosen) if chosen else None
 
 
 @dataclass
