@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # vectors of 384 dimensions on 2 cores); the index build draws the same line.
 FILTERED_EXACT_LIMIT = 20_000
 MAX_EF_SEARCH = 4096  # the highest efSearch the index build's tuning tries
+EXACT_CHUNK = 65_536  # rows scored at once by an exact filtered search (96 MB of float32 at 384-d)
 EMPTY_SIDE = {
     "texts": "this index holds no captions or labels (its images came without them), so image -> text "
              "search has nothing to search: index captioned images, or a labels file (README, Indexing)",
@@ -262,32 +263,54 @@ def as_result(index: LoadedIndex, hit: Hit, target: str) -> SearchResult:
 
 
 def search_allowed(faiss_index: faiss.Index, spec: dict[str, Any], vectors: np.ndarray, allowed: np.ndarray,
-                   query: np.ndarray, k: int, exact_limit: int = FILTERED_EXACT_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+                   query: np.ndarray, k: int, exact_limit: int = FILTERED_EXACT_LIMIT,
+                   max_ef: int = MAX_EF_SEARCH) -> tuple[np.ndarray, np.ndarray]:
     """The top `k` (scores, ids; each `(1, k)`) among the `allowed` ids of a filtered search.
 
     Up to `exact_limit` allowed items are scored exactly from their stored `vectors`: a graph or
     inverted-list search with an ID selector walks mostly items it must then drop, so it finds few
     of a rare subset (HNSW32 returned 1.2 of 10 results for 20 allowed of 50,000 items). Above the
     limit the index searches with the selector and its search parameter raised by the share of
-    items left out, so as many allowed candidates are seen as an unfiltered search sees. A flat
-    index is exact already: it searches with the selector, its scores those of unfiltered searches."""
+    items left out, so as many allowed candidates are seen as an unfiltered search sees. Where an
+    HNSW graph would need an efSearch above `max_ef` for that (a small share of a very large index:
+    25,000 of 10 million), the allowed items are scored exactly too; their number is then at most
+    `ntotal * efSearch / max_ef` (some 80,000 for efSearch 32 at 10 million). A flat index is exact
+    already: it searches with the selector, its scores those of unfiltered searches."""
     factory, values = spec["factory"], spec.get("search_params", {})
-    if len(allowed) <= exact_limit and factory != "Flat":
-        scores = np.asarray(vectors[allowed], dtype=np.float32) @ query[0]
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((allowed[top], -scores[top]))]  # best first; ties by id
-        return scores[top][None], allowed[top][None]
+    if factory == "Flat":
+        return faiss_index.search(query, k, params=search_parameters(factory, values, faiss.IDSelectorBatch(allowed)))
     # as many allowed candidates as an unfiltered search sees: the parameter over the allowed share
     share = len(allowed) / faiss_index.ntotal
     raised = dict(values)
     if factory.startswith("HNSW"):
         ef = int(values.get("efSearch", 64))
-        raised["efSearch"] = max(ef, min(MAX_EF_SEARCH, math.ceil(ef / share)))
-    elif factory.startswith("IVF"):
+        raised["efSearch"] = max(ef, math.ceil(ef / share))
+        if raised["efSearch"] > max_ef:
+            return exact_among(vectors, allowed, query, k)
+    elif factory.startswith("IVF"):  # all lists at most: every allowed item is then scanned
         nprobe = int(values.get("nprobe", 16))
         raised["nprobe"] = min(faiss.extract_index_ivf(faiss_index).nlist, math.ceil(nprobe / share))
+    if len(allowed) <= exact_limit:
+        return exact_among(vectors, allowed, query, k)
     params = search_parameters(factory, raised, faiss.IDSelectorBatch(allowed))
     return faiss_index.search(query, k, params=params)
+
+
+def exact_among(vectors: np.ndarray, allowed: np.ndarray, query: np.ndarray, k: int,
+                chunk: int = EXACT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top `k` (scores, ids; each `(1, k)`) of `query` among the `allowed` rows of
+    `vectors`, best first, ties by id. Scored `chunk` rows at a time, so a large allowed set never
+    copies more than a chunk of vectors (memory-mapped, float16 or float32) at once."""
+    best_scores, best_ids = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    for start in range(0, len(allowed), chunk):
+        ids = allowed[start:start + chunk]
+        scores = np.asarray(vectors[ids], dtype=np.float32) @ query[0]
+        best_scores, best_ids = np.concatenate([best_scores, scores]), np.concatenate([best_ids, ids])
+        if len(best_scores) > k:
+            keep = np.argpartition(-best_scores, k - 1)[:k]
+            best_scores, best_ids = best_scores[keep], best_ids[keep]
+    order = np.lexsort((best_ids, -best_scores))
+    return best_scores[order][None], best_ids[order][None]
 
 
 def load_serving_index(settings: Settings, encoder: Any) -> LoadedIndex:

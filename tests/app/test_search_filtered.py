@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from app.search import search_allowed
+from app.search import exact_among, search_allowed
 from indexer.build import build_index
 
 COUNT, DIM, K = 30_000, 32, 10
@@ -66,3 +66,34 @@ def test_a_common_subset_goes_through_the_index_with_a_raised_parameter(built, v
         assert np.isin(ids[0], allowed).all() and (ids[0] >= 0).all()
         recalls.append(len(set(ids[0].tolist()) & set(_reference(vectors, allowed, query[None], K).tolist())) / K)
     assert np.mean(recalls) >= 0.9, (spec, share, np.mean(recalls))
+
+
+def test_a_share_beyond_the_graphs_reach_is_searched_exactly(vectors) -> None:
+    """A filter allowing more items than the exact limit, but so small a share that the HNSW graph
+    would need an efSearch above its cap (a small share of a very large index), is scored exactly:
+    at the cap the graph finds fewer of the allowed items. Shown here with a low cap."""
+    index, plan = build_index(vectors, factory="HNSW32", use_gpu=False)
+    spec = {"factory": plan.factory, "search_params": plan.search_params}
+    ef = plan.search_params["efSearch"]
+    allowed = np.sort(np.random.default_rng(7).choice(COUNT, COUNT // 50, replace=False)).astype(np.int64)
+    capped = []
+    for query in _queries(vectors, 30, 2):
+        want = _reference(vectors, allowed, query[None], K).tolist()
+        _, ids = search_allowed(index, spec, vectors, allowed, query[None], K, exact_limit=0, max_ef=ef * 4)
+        assert ids[0].tolist() == want
+        through_graph = index.search(query[None], K, params=faiss.SearchParametersHNSW(
+            efSearch=ef * 4, sel=faiss.IDSelectorBatch(allowed)))[1][0]  # what the capped search found
+        capped.append(len(set(through_graph.tolist()) & set(want)) / K)
+    assert np.mean(capped) < 0.95  # the case is real: the graph at the cap misses allowed items
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1_000, 100_000])
+def test_exact_scoring_in_chunks_equals_one_pass(vectors, chunk) -> None:
+    allowed = np.sort(np.random.default_rng(3).choice(COUNT, 5_000, replace=False)).astype(np.int64)
+    for query in _queries(vectors, 5, 4):
+        scores, ids = exact_among(vectors, allowed, query[None], K, chunk=chunk)
+        assert ids[0].tolist() == _reference(vectors, allowed, query[None], K).tolist()
+        np.testing.assert_allclose(scores[0], vectors[ids[0]] @ query, rtol=1e-5, atol=1e-6)
+    few = allowed[:3]  # fewer allowed than k: all of them, best first
+    scores, ids = exact_among(vectors, few, _queries(vectors, 1, 5), K, chunk=chunk)
+    assert sorted(ids[0].tolist()) == few.tolist() and np.all(np.diff(scores[0]) <= 0)
