@@ -111,10 +111,6 @@ class LoadedIndex:
     def version(self) -> str:
         return self.directory.name
 
-    def image_search_params(self) -> faiss.SearchParameters | None:
-        spec = self.manifest["index"]["image"]
-        return search_parameters(spec["factory"], spec.get("search_params", {}))
-
 
 def read_faiss(path: Path) -> faiss.Index:
     """A FAISS index from a file, its flat codes memory-mapped (see `FAISS_READ_FLAGS`)."""
