@@ -122,6 +122,14 @@ class _Progress:
 
 
 RUN_WRITER = "training run is writing this run folder"
+# What a run folder holds: a run's files, and the recipe's second cycle, average and inner-split
+# report; hidden names are locks and files being written, `.tmp`/`.old` a model folder's publish.
+RUN_ENTRIES = frozenset({"checkpoints", "model", "metrics.json", "rejects.json", "restart", "average",
+                         "inner-split.json"})
+
+
+def _in_a_run_folder(name: str) -> bool:
+    return name.startswith(".") or name.removesuffix(".tmp").removesuffix(".old") in RUN_ENTRIES
 
 
 class Trainer:
@@ -137,6 +145,10 @@ class Trainer:
     ) -> None:
         # before any work: a second run into a folder a live run is writing is refused at once
         ensure_not_busy(config.output_dir, RUN_WRITER, reentrant=True)
+        foreign = checkpoint.foreign_entries(config.output_dir, _in_a_run_folder)
+        if foreign:  # a run adds checkpoints, a model and reports: never among a user's own files
+            raise ValueError(f"{config.output_dir} holds other things than a training run ({foreign}): train "
+                             "into a new or empty folder, or into an earlier run's folder to resume it")
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.config = config

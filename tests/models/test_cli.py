@@ -99,6 +99,18 @@ def test_train_into_a_file_is_refused(shapes_folder: Path, tmp_path: Path, caplo
     assert f"the run directory {tmp_path / 'afile'} is a file, not a folder" in caplog.text
 
 
+def test_train_into_a_folder_of_other_things_is_refused_and_adds_nothing(
+        shapes_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--out ~/Documents` once added checkpoints/, model/ and reports among the user's files."""
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "letter.txt").write_text("hello")
+    assert main(["train", str(shapes_folder), "--out", str(folder), "--model", TINY, "--quiet"]) == 2
+    assert (f"{folder} holds other things than a training run (letter.txt): train into a new or empty folder, "
+            "or into an earlier run's folder to resume it") in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["letter.txt"]
+
+
 def test_eval_and_train_with_nothing_usable_say_what_was_skipped_before_the_model_loads(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder of images without captions said only "no usable pairs", and only after the model had
