@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -42,6 +43,16 @@ def _cards(browser, count_at_least: int = 1):
     return browser.find_elements(By.CSS_SELECTOR, ".card")
 
 
+def _requests(base: str) -> dict[str, float]:
+    """Successful requests per route, from the server's Prometheus counters."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("clipsearch_requests_total{") and 'status="200"' in line:
+            route = line.split('route="', 1)[1].split('"', 1)[0]
+            counts[route] = counts.get(route, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def test_search_page(browser, live_server: str, tmp_path: Path) -> None:
     browser.get(f"{live_server}/")
     box = WebDriverWait(browser, 30).until(when.presence_of_element_located((By.ID, "query")))
@@ -66,10 +77,23 @@ def test_search_page(browser, live_server: str, tmp_path: Path) -> None:
     first_score = float(_cards(browser)[0].find_element(By.CSS_SELECTOR, ".meta span").text)
     assert first_score > 0.99  # the item itself ranks first
 
+    # an uploaded image is embedded once, and its pages are searches by that vector
+    before = _requests(live_server)
     upload = tmp_path / "query.png"
     upload.write_bytes(png_bytes((30, 60, 220), (48, 48)))
     browser.find_element(By.ID, "file").send_keys(str(upload))
-    WebDriverWait(browser, 30).until(lambda b: "query.png" in b.find_element(By.ID, "status").text)
+    WebDriverWait(browser, 30).until(lambda b: "24 results for images like query.png" in
+                                     b.find_element(By.ID, "status").text)
+    browser.find_element(By.ID, "more").click()
+    WebDriverWait(browser, 30).until(lambda b: "40 results for images like query.png" in
+                                     b.find_element(By.ID, "status").text)
+    after = _requests(live_server)
+    calls = {route: after.get(route, 0) - before.get(route, 0) for route in after}
+    assert (calls.get("/v1/embed/image"), calls.get("/v1/search"), calls.get("/v1/search/image", 0)) == (1, 2, 0)
+    shown = [c.find_element(By.CSS_SELECTOR, ".caption").text for c in _cards(browser, 40)]
+    reference = httpx.post(f"{live_server}/v1/search/image", files={"file": upload.read_bytes()},
+                           data={"k": "40"}).json()["results"]  # the same file as an image search
+    assert shown == [hit.get("caption") or hit["source"] for hit in reference]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "search-page.png"))
 
