@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ from indexer.embed import Embedder, Previous
 from indexer.ray_backend import RayOptions, run_ray
 from indexer.reader import Source
 from indexer.writer import ShardRow, ShardWriter, iter_shards, prepare_work_dir
-from models.checkpoint import write_jsonl, write_npy
+from models.checkpoint import write_jsonl, write_npy, write_npy_rows
 from models.images import ImageLimits
 
 logger = logging.getLogger(__name__)
 
 SHOWN_REJECTS = 20  # files named in the log when a run publishes nothing
+FLOAT16_CHUNK = 65_536  # rows converted at a time for --float16
 
 
 @dataclass(frozen=True)
@@ -154,17 +156,31 @@ def _run_key(source: Source, encoder: Any, config: IndexConfig, previous: artifa
             "previous": previous.version if previous else None}
 
 
-def _collect(work_dir: Path, dim: int) -> tuple[list[ShardRow], np.ndarray]:
+def _collect(work_dir: Path) -> tuple[list[ShardRow], list[int]]:
+    """The rows of every shard, their `row` made global (into all shards' vectors in order), and
+    each shard's vector count."""
     rows: list[ShardRow] = []
-    parts: list[np.ndarray] = []
+    counts: list[int] = []
     offset = 0
     for shard_rows, vectors in iter_shards(work_dir):
         for row in shard_rows:
             rows.append(ShardRow(**{**row.__dict__, "row": row.row + offset if row.row >= 0 else -1}))
-        if len(vectors):
-            parts.append(vectors)
-            offset += len(vectors)
-    return rows, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
+        counts.append(len(vectors))
+        offset += len(vectors)
+    return rows, counts
+
+
+def _vector_chunks(work_dir: Path, counts: list[int], vector_rows: np.ndarray) -> Iterator[np.ndarray]:
+    """The shards' vectors at the global, increasing `vector_rows`, a shard at a time: the index's
+    vectors are written to disk without ever being whole in memory."""
+    start, offset = 0, 0
+    for (_, vectors), count in zip(iter_shards(work_dir), counts, strict=True):
+        if len(vectors) != count:
+            raise RuntimeError(f"indexer bug: a shard of {work_dir} changed during publishing")
+        end = int(np.searchsorted(vector_rows, offset + count))
+        if end > start:  # a shard of texts or rejects only stores a (0, 0) array
+            yield vectors[vector_rows[start:end] - offset]
+        start, offset = end, offset + count
 
 
 def _tables(rows: list[ShardRow]) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -259,7 +275,7 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
         bar.update(1)
     writer.flush()
     bar.close()
-    rows, vectors = _collect(work_dir, encoder.dim)
+    rows, counts = _collect(work_dir)
     metadata, vector_rows, texts, rejects = _tables(rows)
     summary = _summarise(rows, started)
     summary.embed_seconds = time.time() - embed_started
@@ -283,25 +299,41 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
         summary.unchanged = True
         summary.seconds = time.time() - started
         return summary
-    if not vector_rows:
-        image_vectors = np.zeros((0, encoder.dim), np.float32)
-    elif len(vector_rows) == len(vectors) and np.array_equal(vector_rows, np.arange(len(vectors))):
-        image_vectors = vectors  # every shard vector in order, the usual case: a copy is 1.5 GB at a million
-    else:
-        image_vectors = vectors[vector_rows]
-    del vectors
-    summary.published = _publish(source, encoder, config, image_vectors, metadata, texts, rejects, summary)
+    rows_at = np.asarray(vector_rows, dtype=np.int64)
+    if len(rows_at) and (np.any(np.diff(rows_at) <= 0) or rows_at[0] < 0 or rows_at[-1] >= sum(counts)):
+        artifacts.remove_dir(work_dir)
+        raise RuntimeError("indexer bug: the items' vector rows are not increasing rows of the shards; "
+                           "nothing published")
+    # what publishing no longer needs goes before the index is built: the shard rows (the items
+    # live on in `metadata`), and the previous version's tables and the embedder's lookups
+    del rows, previous, previous_index, embedder
+    chunks = _vector_chunks(work_dir, counts, rows_at)
+    summary.published = _publish(source, encoder, config, (len(rows_at), encoder.dim), chunks, metadata, texts,
+                                 rejects, summary)
     artifacts.remove_dir(work_dir)
     summary.seconds = time.time() - started
     return summary
 
 
-def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: np.ndarray,
+def _publish(source: Source, encoder: Any, config: IndexConfig, shape: tuple[int, int], chunks: Iterator[np.ndarray],
              metadata: list[dict[str, Any]], texts: list[dict[str, Any]], rejects: list[dict[str, Any]],
              summary: Summary) -> str:
+    """Write a version from the items' vectors (`chunks` of rows, `shape` in all) and tables, and
+    publish it. The vectors go to disk first and the index is built from that file, mapped: the
+    build holds the index's copy of the vectors, not a second one (1.5 GB a million items)."""
     version = artifacts.new_version_dir(config.out_dir)
+    embeddings = version / "embeddings.npy"
+    # the build reads float32; with --float16 that copy is a hidden file, removed once converted
+    float32_file = version / ".embeddings-float32.npy" if config.float16 else embeddings
+    write_npy_rows(float32_file, shape, np.float32, chunks)
+    image_vectors = np.load(float32_file, mmap_mode="r")
     image_index, image_plan = build_index(image_vectors, config.index_type, config.memory_budget_bytes,
                                           config.use_gpu)
+    if config.float16:
+        write_npy_rows(embeddings, shape, np.float16,
+                       (image_vectors[i:i + FLOAT16_CHUNK] for i in range(0, shape[0], FLOAT16_CHUNK)))
+        del image_vectors
+        float32_file.unlink()
     if not texts:
         logger.info("no captions or labels: image -> text search of this index will say so (409)")
     elif not metadata:
@@ -309,13 +341,12 @@ def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: n
     # the documents of image -> text search: the encoder's caption side (its image bank, if any)
     text_vectors = encoder.encode_captions([t["text"] for t in texts])
     text_index, text_plan = build_index(text_vectors, None, config.memory_budget_bytes, config.use_gpu)
-    stored = image_vectors.astype(np.float16 if config.float16 else np.float32, copy=False)  # no copy of float32
-    write_npy(version / "embeddings.npy", stored)
     write_npy(version / "text_embeddings.npy", text_vectors.astype(np.float32))
     write_jsonl(version / "metadata.jsonl", metadata)
     write_jsonl(version / "texts.jsonl", texts)
     write_jsonl(version / "rejects.jsonl", rejects)
     artifacts.write_faiss(image_index, version / "image.faiss")
+    del image_index  # the check before publishing reads it back
     artifacts.write_faiss(text_index, version / "text.faiss")
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -323,7 +354,7 @@ def _publish(source: Source, encoder: Any, config: IndexConfig, image_vectors: n
         "dim": encoder.dim,
         "metric": "inner_product",
         "normalized": True,
-        "embeddings_dtype": str(stored.dtype),
+        "embeddings_dtype": "float16" if config.float16 else "float32",
         "counts": {**summary.as_dict(), "texts": len(texts)},
         "index": {"image": image_plan.as_dict(), "text": text_plan.as_dict()},
         "source": source.describe(),

@@ -81,12 +81,20 @@ class ShardWriter:
 
 
 def iter_shards(work_dir: Path) -> Iterator[tuple[list[ShardRow], np.ndarray]]:
-    """Complete shards in order: (rows, vectors)."""
+    """Complete shards in order: (rows, vectors), the vectors memory-mapped from their file."""
     for jsonl in sorted(work_dir.glob("shard_*.jsonl")):
-        vectors = np.load(jsonl.with_suffix(".npy"))
-        with jsonl.open(encoding="utf-8") as fp:
-            rows = [ShardRow(**json.loads(line)) for line in fp if line.strip()]
-        yield rows, vectors
+        yield _shard_rows(jsonl), np.load(jsonl.with_suffix(".npy"), mmap_mode="r")
+
+
+def iter_shard_rows(work_dir: Path) -> Iterator[list[ShardRow]]:
+    """The rows of the complete shards in order, their vectors left on disk."""
+    for jsonl in sorted(work_dir.glob("shard_*.jsonl")):
+        yield _shard_rows(jsonl)
+
+
+def _shard_rows(jsonl: Path) -> list[ShardRow]:
+    with jsonl.open(encoding="utf-8") as fp:
+        return [ShardRow(**json.loads(line)) for line in fp if line.strip()]
 
 
 def _complete_shards(work_dir: Path) -> bool:
@@ -118,7 +126,7 @@ def prepare_work_dir(work_dir: Path, run_key: dict[str, Any], sources: set[str] 
         stray.unlink(missing_ok=True)
     done: set[str] = set()
     count = 0
-    for rows, _ in iter_shards(work_dir):
+    for rows in iter_shard_rows(work_dir):
         done.update(row.source for row in rows)
         count += 1
     gone = done - sources if sources is not None else set()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.artifacts import InvalidIndex, load_index, read_jsonl_rows
+from indexer.artifacts import FILES, MANIFEST, InvalidIndex, load_index, read_jsonl_rows
 from indexer.reader import open_source
 from indexer.runner import IndexConfig, run_index
 from models import FingerprintMismatch, load_encoder
@@ -82,18 +82,30 @@ def test_identical_files_embedded_once_keep_all_paths(tmp_path: Path, encoder) -
         ["copy_a.jpg", "copy_b.jpg", original.relative_to(tmp_path / "data").as_posix()])
 
 
-def test_metadata_and_embeddings(tmp_path: Path, encoder) -> None:
-    make_messy_folder(tmp_path / "data", good=12, bad=0)
-    _index(tmp_path / "data", tmp_path / "index", encoder)
+@pytest.mark.parametrize("float16", [False, True], ids=["float32", "float16"])
+def test_metadata_and_embeddings(tmp_path: Path, encoder, float16: bool) -> None:
+    """Each item's stored vector is its image's embedding, gathered from shards of three records
+    (among them a duplicate and two rejected files, which store no vector), and the FAISS index
+    holds the same vectors."""
+    make_messy_folder(tmp_path / "data", good=12, bad=2)
+    first = next((tmp_path / "data").rglob("img00000.png"))
+    shutil.copy(first, first.with_name("z-copy.png"))  # after it: the copy is the duplicate
+    summary = _index(tmp_path / "data", tmp_path / "index", encoder, shard_size=3, float16=float16)
+    assert (summary.indexed, summary.duplicates, summary.rejected_total) == (12, 1, 2)
     index = load_index(tmp_path / "index", expected=encoder.fingerprint)
-    assert index.embeddings.shape == (12, encoder.dim) and index.embeddings.dtype == np.float32
+    assert index.embeddings.shape == (12, encoder.dim)
+    assert index.embeddings.dtype == (np.float16 if float16 else np.float32)
+    stored = index.image_index.reconstruct_n(0, index.image_index.ntotal)
+    np.testing.assert_allclose(index.embeddings, stored, atol=1e-3 if float16 else 0)
+    assert sorted(p.name for p in index.directory.iterdir()) == sorted([*FILES, MANIFEST])
     from models import load_image
 
     for row, meta in enumerate(index.metadata):
         assert meta["id"] == row and not Path(meta["source"]).is_absolute()
         image = load_image(tmp_path / "data" / meta["source"])
         assert (meta["width"], meta["height"]) == image.size
-        np.testing.assert_allclose(index.embeddings[row], encoder.encode_images([image])[0], atol=1e-5)
+        np.testing.assert_allclose(index.embeddings[row], encoder.encode_images([image])[0],
+                                   atol=1e-3 if float16 else 1e-5)
     captioned = [m for m in index.metadata if m["caption"]]
     assert captioned and all(m["caption"].startswith("a ") for m in captioned)
     # the text side: one entry per distinct caption, pointing at its items

@@ -116,3 +116,27 @@ def test_only_a_directory_of_the_same_kind_is_replaced(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="out.tmp is a file where a working folder goes"):
         publish_dir(tmp_path / "out", _write({"a.txt": "new"}), marker="a.txt")
     assert (tmp_path / "out.tmp").read_text() == "in the way"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [0, 1, 1000])
+def test_an_npy_written_in_chunks_is_the_file_np_save_writes(tmp_path: Path, dtype: str, rows: int) -> None:
+    import numpy as np
+
+    array = np.random.default_rng(rows).standard_normal((rows, 24)).astype(np.float32)
+    chunks = [array[i:i + 333] for i in range(0, rows, 333)]
+    checkpoint.write_npy_rows(tmp_path / "chunked.npy", (rows, 24), dtype, iter(chunks))
+    np.save(tmp_path / "whole.npy", array.astype(dtype))
+    assert (tmp_path / "chunked.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    np.testing.assert_array_equal(np.load(tmp_path / "chunked.npy"), array.astype(dtype))
+
+
+def test_chunks_that_do_not_fill_the_shape_leave_no_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    target = tmp_path / "v.npy"
+    with pytest.raises(ValueError, match="3 rows written for an array of 4"):
+        checkpoint.write_npy_rows(target, (4, 2), np.float32, [np.zeros((3, 2))])
+    with pytest.raises(ValueError, match="a chunk of shape"):
+        checkpoint.write_npy_rows(target, (4, 2), np.float32, [np.zeros((4, 3))])
+    assert list(tmp_path.iterdir()) == []
