@@ -141,6 +141,24 @@ def _as_images(images: Sequence[Image.Image] | Image.Image) -> list[Image.Image]
     return items
 
 
+def _padding_token(model: torch.nn.Module) -> int | None:
+    """The padding token of a text tower that masks padding by itself (a Hugging Face tower builds
+    its attention mask from it, so trailing padding columns change nothing and can be dropped);
+    None for open_clip's own text transformer, whose causal mask and pooling span its whole
+    context window."""
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+    return int(pad) if isinstance(text, HFTextEncoder) and pad is not None else None
+
+
+def _trimmed(tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    """`tokens` without the trailing columns that hold only `pad` (at least one column)."""
+    used = torch.ne(tokens, pad).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1 if len(used) else 1]
+
+
 def _batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -173,6 +191,7 @@ class DualEncoder:
         # channels_last on every device: convolutional towers run faster in it on CUDA and on
         # the CPU (oneDNN) alike (README, Benchmarks); transformers have no 4-d weights to convert
         self.model = self.model.to(memory_format=torch.channels_last)
+        self._pad_id = _padding_token(self.model)
         with torch.inference_mode():
             probe = self.tokenizer(["probe"]).to(device)
             self.dim = int(self.model.encode_text(probe).shape[-1])
@@ -244,9 +263,18 @@ class DualEncoder:
         are queries (text -> image search); see `encode_captions` for the texts images look for."""
         texts = _as_texts(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if self._pad_id is None:  # a tower that reads its whole context window
+            for part in _batches(len(texts), self.text_batch_size):
+                out[part] = self._run(self.model.encode_text, self.tokenizer(list(texts[part])))
+            return out
+        # A tower that masks its own padding runs each batch only as wide as its longest text (the
+        # tokenizer pads every text to the whole window: 64 tokens for "a bird"), and texts go in
+        # order of length so that a batch's texts are alike (512 short captions: 13x faster, README)
+        order = np.argsort([len(text) for text in texts], kind="stable")
         for part in _batches(len(texts), self.text_batch_size):
-            tokens = self.tokenizer(list(texts[part]))
-            out[part] = self._run(self.model.encode_text, tokens)
+            rows = order[part]
+            tokens = self.tokenizer([texts[i] for i in rows])
+            out[rows] = self._run(self.model.encode_text, _trimmed(tokens, self._pad_id))
         return out
 
     def encode_captions(self, texts: Sequence[str] | str) -> np.ndarray:

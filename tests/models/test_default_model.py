@@ -393,3 +393,31 @@ def test_the_readmes_one_liner_runs_and_embeds_as_served(tmp_path: Path, monkeyp
     assert encoder.encode_texts(["a bird"]).shape == (1, 384)
     np.testing.assert_array_equal(encoder.encode_images([Image.open("bird.png")]),
                                   encoder.encode_images([load_image(bird)]))
+
+
+def test_texts_run_only_as_wide_as_they_are_and_embed_as_with_the_whole_window(
+        default_encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MiniLM tower masks its own padding, so each batch drops the padding columns that every
+    text in it has, and texts are batched by length; the embeddings are those of the whole
+    64-token window in input order."""
+    import torch.nn.functional as F
+
+    texts = ["a bird", "", "🐦", "a piece of fruit on a wooden table in the kitchen", "x " * 200, "  ",
+             "a road sign", "Ein Vogel sitzt auf dem Dach.", "a musical instrument"] * 40
+    with torch.inference_mode():
+        whole = default_encoder.model.encode_text(default_encoder.tokenizer(texts))
+    reference = F.normalize(whole.float(), dim=-1).numpy()
+    widths: list[int] = []
+    encode_text = default_encoder.model.encode_text
+
+    def spy(tokens: torch.Tensor) -> torch.Tensor:
+        widths.append(tokens.shape[1])
+        return encode_text(tokens)
+
+    monkeypatch.setattr(default_encoder.model, "encode_text", spy)
+    monkeypatch.setattr(default_encoder, "text_batch_size", 64)
+    got = default_encoder.encode_texts(texts)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    window = default_encoder.tokenizer(["a"]).shape[1]
+    assert len(widths) == 6 and widths == sorted(widths)  # 360 texts in 6 batches, shortest first
+    assert widths[0] < 8 and widths[-1] == window  # only the batch holding the long text is whole
