@@ -143,14 +143,17 @@ def _as_images(images: Sequence[Image.Image] | Image.Image) -> list[Image.Image]
 
 def _padding_token(model: torch.nn.Module) -> int | None:
     """The padding token of a text tower that masks padding by itself (a Hugging Face tower builds
-    its attention mask from it, so trailing padding columns change nothing and can be dropped);
-    None for open_clip's own text transformer, whose causal mask and pooling span its whole
-    context window."""
-    from open_clip.hf_model import HFTextEncoder
+    its attention mask from it, and its mean or first-token pooling reads no padded position, so
+    trailing padding columns change nothing and can be dropped); None for open_clip's own text
+    transformer, whose causal mask spans its whole context window, and for open_clip's max pooler,
+    which reads the padded positions."""
+    from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MeanPooler
 
     text = getattr(model, "text", None)
     pad = getattr(getattr(text, "config", None), "pad_token_id", None)
-    return int(pad) if isinstance(text, HFTextEncoder) and pad is not None else None
+    if not isinstance(text, HFTextEncoder) or pad is None:
+        return None
+    return int(pad) if isinstance(text.pooler, MeanPooler | ClsPooler | ClsLastHiddenStatePooler) else None
 
 
 def _trimmed(tokens: torch.Tensor, pad: int) -> torch.Tensor:

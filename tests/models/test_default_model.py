@@ -421,3 +421,23 @@ def test_texts_run_only_as_wide_as_they_are_and_embed_as_with_the_whole_window(
     window = default_encoder.tokenizer(["a"]).shape[1]
     assert len(widths) == 6 and widths == sorted(widths)  # 360 texts in 6 batches, shortest first
     assert widths[0] < 8 and widths[-1] == window  # only the batch holding the long text is whole
+
+
+def test_only_towers_that_ignore_padding_are_trimmed(default_encoder) -> None:
+    """Mean and first-token pooling read no padded position; open_clip's max pooler does, and its
+    own text transformer's causal mask spans the whole window: those keep every column."""
+    from open_clip.hf_model import ClsPooler, MaxPooler
+
+    from models.encoder import _padding_token, create_model
+
+    text = default_encoder.model.text
+    assert _padding_token(default_encoder.model) == 0  # MiniLM, mean pooling
+    mean = text.pooler
+    try:
+        text.pooler = ClsPooler()
+        assert _padding_token(default_encoder.model) == 0
+        text.pooler = MaxPooler()
+        assert _padding_token(default_encoder.model) is None
+    finally:
+        text.pooler = mean
+    assert _padding_token(create_model("clipsearch-tiny", None).model) is None
