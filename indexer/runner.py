@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SHOWN_REJECTS = 20  # files named in the log when a run publishes nothing
 FLOAT16_CHUNK = 65_536  # rows converted at a time for --float16
+CAPTION_CHUNK = 4096  # captions embedded per progress step
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,19 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     return summary
 
 
+def embed_captions(encoder: Any, captions: list[str], progress: bool, chunk: int = CAPTION_CHUNK) -> np.ndarray:
+    """The caption side of every text (the documents of image -> text search) as float32 `(n, d)`,
+    `chunk` texts at a time under a progress bar: a million captions take many minutes on a CPU."""
+    out = np.empty((len(captions), encoder.dim), dtype=np.float32)
+    with tqdm(total=len(captions), unit="text", desc="captions", disable=not progress or not captions,
+              smoothing=0.1) as bar:
+        for start in range(0, len(captions), chunk):
+            part = captions[start:start + chunk]
+            out[start:start + len(part)] = encoder.encode_captions(part)
+            bar.update(len(part))
+    return out
+
+
 def _publish(source: Source, encoder: Any, config: IndexConfig, shape: tuple[int, int], chunks: Iterator[np.ndarray],
              metadata: list[dict[str, Any]], texts: list[dict[str, Any]], rejects: list[dict[str, Any]],
              summary: Summary) -> str:
@@ -339,7 +353,7 @@ def _publish(source: Source, encoder: Any, config: IndexConfig, shape: tuple[int
     elif not metadata:
         logger.info("no images: only image -> text search applies to this index")
     # the documents of image -> text search: the encoder's caption side (its image bank, if any)
-    text_vectors = encoder.encode_captions([t["text"] for t in texts])
+    text_vectors = embed_captions(encoder, [t["text"] for t in texts], config.progress)
     text_index, text_plan = build_index(text_vectors, None, config.memory_budget_bytes, config.use_gpu)
     write_npy(version / "text_embeddings.npy", text_vectors.astype(np.float32))
     write_jsonl(version / "metadata.jsonl", metadata)

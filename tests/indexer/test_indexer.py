@@ -726,3 +726,13 @@ def test_a_resumed_run_after_files_were_deleted_starts_afresh(tmp_path: Path, en
     assert summary.balanced and summary.inputs == 37 and summary.indexed + summary.duplicates == 37
     sources = {m["source"] for m in load_index(tmp_path / "index").metadata}
     assert not sources & {p.relative_to(tmp_path / "data").as_posix() for p in gone}
+
+
+def test_captions_embedded_in_chunks_equal_one_call(encoder) -> None:
+    from indexer.runner import embed_captions
+
+    captions = [f"a {'red' if i % 2 else 'blue'} shape number {i}" + " long" * (i % 5) for i in range(11)]
+    whole = encoder.encode_captions(captions)
+    for chunk in (1, 3, 100):
+        np.testing.assert_allclose(embed_captions(encoder, captions, progress=False, chunk=chunk), whole, atol=1e-6)
+    assert embed_captions(encoder, [], progress=False).shape == (0, encoder.dim)
