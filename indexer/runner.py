@@ -25,7 +25,7 @@ from indexer.build import build_index
 from indexer.embed import Embedder, Previous
 from indexer.ray_backend import RayOptions, run_ray
 from indexer.reader import Source
-from indexer.writer import ShardRow, ShardWriter, iter_shards, prepare_work_dir
+from indexer.writer import ShardRow, ShardWriter, iter_shard_vectors, iter_shards, prepare_work_dir
 from models.checkpoint import write_jsonl, write_npy, write_npy_rows
 from models.images import ImageLimits
 
@@ -175,7 +175,7 @@ def _vector_chunks(work_dir: Path, counts: list[int], vector_rows: np.ndarray) -
     """The shards' vectors at the global, increasing `vector_rows`, a shard at a time: the index's
     vectors are written to disk without ever being whole in memory."""
     start, offset = 0, 0
-    for (_, vectors), count in zip(iter_shards(work_dir), counts, strict=True):
+    for vectors, count in zip(iter_shard_vectors(work_dir), counts, strict=True):
         if len(vectors) != count:
             raise RuntimeError(f"indexer bug: a shard of {work_dir} changed during publishing")
         end = int(np.searchsorted(vector_rows, offset + count))

@@ -86,6 +86,12 @@ def iter_shards(work_dir: Path) -> Iterator[tuple[list[ShardRow], np.ndarray]]:
         yield _shard_rows(jsonl), np.load(jsonl.with_suffix(".npy"), mmap_mode="r")
 
 
+def iter_shard_vectors(work_dir: Path) -> Iterator[np.ndarray]:
+    """The vectors of the complete shards in order, memory-mapped, their rows left unread."""
+    for jsonl in sorted(work_dir.glob("shard_*.jsonl")):
+        yield np.load(jsonl.with_suffix(".npy"), mmap_mode="r")
+
+
 def iter_shard_rows(work_dir: Path) -> Iterator[list[ShardRow]]:
     """The rows of the complete shards in order, their vectors left on disk."""
     for jsonl in sorted(work_dir.glob("shard_*.jsonl")):
