@@ -28,7 +28,8 @@ def test_the_official_client_gets_the_same_vectors_in_either_encoding(client: Op
         assert [d.index for d in response.data] == [0, 1]
         np.testing.assert_array_equal(np.asarray([d.embedding for d in response.data], dtype=np.float32), expected)
     single = client.embeddings.create(model="any", input="a red circle")
-    np.testing.assert_array_equal(np.asarray(single.data[0].embedding, dtype=np.float32), expected[0])
+    # a batch of one runs other kernels than a batch of two: equal up to float rounding
+    np.testing.assert_allclose(np.asarray(single.data[0].embedding, dtype=np.float32), expected[0], atol=1e-6)
     captions = client.embeddings.create(model="any", input=texts, extra_body={"role": "caption"})
     np.testing.assert_array_equal(np.asarray([d.embedding for d in captions.data], dtype=np.float32),
                                   _reference(live_server, texts, "caption"))

@@ -423,21 +423,19 @@ def test_texts_run_only_as_wide_as_they_are_and_embed_as_with_the_whole_window(
     assert widths[0] < 8 and widths[-1] == window  # only the batch holding the long text is whole
 
 
-def test_only_towers_that_ignore_padding_are_trimmed(default_encoder) -> None:
-    """Mean and first-token pooling read no padded position; open_clip's max pooler does, and its
-    own text transformer's causal mask spans the whole window: those keep every column."""
+def test_hugging_face_towers_narrow_only_with_mean_or_first_token_pooling(default_encoder) -> None:
+    """Mean and first-token pooling read no padded position; open_clip's max pooler does."""
     from open_clip.hf_model import ClsPooler, MaxPooler
 
-    from models.encoder import _padding_token, create_model
+    from models.text_width import narrow_text_encoder
 
     text = default_encoder.model.text
-    assert _padding_token(default_encoder.model) == 0  # MiniLM, mean pooling
+    assert narrow_text_encoder(default_encoder.model) is not None  # MiniLM, mean pooling
     mean = text.pooler
     try:
         text.pooler = ClsPooler()
-        assert _padding_token(default_encoder.model) == 0
+        assert narrow_text_encoder(default_encoder.model) is not None
         text.pooler = MaxPooler()
-        assert _padding_token(default_encoder.model) is None
+        assert narrow_text_encoder(default_encoder.model) is None
     finally:
         text.pooler = mean
-    assert _padding_token(create_model("clipsearch-tiny", None).model) is None
