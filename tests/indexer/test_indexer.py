@@ -736,3 +736,24 @@ def test_captions_embedded_in_chunks_equal_one_call(encoder) -> None:
     for chunk in (1, 3, 100):
         np.testing.assert_allclose(embed_captions(encoder, captions, progress=False, chunk=chunk), whole, atol=1e-6)
     assert embed_captions(encoder, [], progress=False).shape == (0, encoder.dim)
+
+
+def test_a_run_hashes_each_published_file_once(tmp_path: Path, encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`finish_version` records the digests; publishing's read-back check does not hash the
+    files again (a second pass over gigabytes at a million items), and the digests it recorded
+    are those of the files served."""
+    from indexer import artifacts
+
+    hashed: list[str] = []
+    file_digest = artifacts.file_digest
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return file_digest(path)
+
+    monkeypatch.setattr(artifacts, "file_digest", counting)
+    make_messy_folder(tmp_path / "data", good=6, bad=0)
+    _index(tmp_path / "data", tmp_path / "index", encoder)
+    assert sorted(hashed) == sorted(FILES)
+    monkeypatch.setattr(artifacts, "file_digest", file_digest)
+    load_index(tmp_path / "index", expected=encoder.fingerprint, verify=True)  # every digest checks out
