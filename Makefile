@@ -12,8 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 DATA ?=
 OUT ?=
 MODEL ?= default
+PRETRAINED ?=
 EPOCHS ?=
 PYTEST_ARGS ?=
+# MODEL=ViT-B-32 PRETRAINED=laion2b_s34b_b79k (a tag, needs the hub) or PRETRAINED=/models/vit-b-32.pt
+PRETRAINED_FLAG = $(if $(PRETRAINED),--pretrained "$(PRETRAINED)")
 
 .DEFAULT_GOAL := help
 .PHONY: help install apt test lint model pack train eval eval-default index serve demo bench bench-filters soak lb-test clean
@@ -47,13 +50,13 @@ lint: install ## ruff + mypy
 model: install ## retrain the embedded default model from scratch (47-93 min measured on 2 cores; [PRECISION=bf16] [EPOCHS=n] [DEVICE=cuda])
 	$(CLI) model $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION)) $(if $(DEVICE),--device $(DEVICE))
 
-train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch]
+train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch] [PRETRAINED=tag-or-file]
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path OUT=dir [MODEL=arch-or-dir]"; exit 2; }
-	$(CLI) train "$(DATA)" --out "$(or $(OUT),runs/train)" --model "$(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))"
+	$(CLI) train "$(DATA)" --out "$(or $(OUT),runs/train)" --model "$(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))" $(PRETRAINED_FLAG)
 
-eval: install ## Recall@K: make eval DATA=manifest-or-folder [MODEL=default]
+eval: install ## Recall@K: make eval DATA=manifest-or-folder [MODEL=default] [PRETRAINED=...]
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=path [MODEL=...]"; exit 2; }
-	$(CLI) eval "$(DATA)" --model "$(MODEL)"
+	$(CLI) eval "$(DATA)" --model "$(MODEL)" $(PRETRAINED_FLAG)
 
 pack: install ## the default model's data as a portable 14 MB folder, build/default-pack (train with clipsearch model --data-dir build/default-pack)
 	$(CLI) model --pack build/default-pack --quiet
@@ -62,12 +65,12 @@ eval-default: install ## the default model's held-out Recall@K as the README rep
 	$(CLI) model --data-only --quiet
 	$(CLI) eval build/default-data/eval.jsonl --held-out 0.2
 
-index: install ## build a FAISS index: make index DATA=folder-or-manifest [OUT=indexes/default] [MODEL=default]
+index: install ## build a FAISS index: make index DATA=folder-or-manifest [OUT=indexes/default] [MODEL=default] [PRETRAINED=...]
 	@test -n "$(DATA)" || { echo "usage: make index DATA=path [OUT=dir] [MODEL=...]"; exit 2; }
-	$(CLI) index "$(DATA)" --out "$(or $(OUT),indexes/default)" --model "$(MODEL)"
+	$(CLI) index "$(DATA)" --out "$(or $(OUT),indexes/default)" --model "$(MODEL)" $(PRETRAINED_FLAG)
 
-serve: install ## run the search service: make serve [INDEX=indexes/default] [PORT=8000]
-	$(CLI) serve --index "$(or $(INDEX),indexes/default)" --model "$(MODEL)" --port "$(or $(PORT),8000)"
+serve: install ## run the search service: make serve [INDEX=indexes/default] [PORT=8000] [MODEL=... PRETRAINED=...]
+	$(CLI) serve --index "$(or $(INDEX),indexes/default)" --model "$(MODEL)" $(PRETRAINED_FLAG) --port "$(or $(PORT),8000)"
 
 demo: install ## index the stamps gallery, start the server, show example queries (Ctrl-C stops)
 	$(CLI) demo --model "$(MODEL)" $(if $(PORT),--port "$(PORT)")

@@ -58,8 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
     from app.protocol import IMPORT_STRING
     from app.settings import Settings
 
-    overrides = {k: v for k, v in {"index_dir": args.index, "model": args.model, "host": args.host,
-                                   "port": args.port, "workers": args.workers, "device": args.device}.items()
+    overrides = {k: v for k, v in {"index_dir": args.index, "model": args.model, "pretrained": args.pretrained,
+                                   "host": args.host, "port": args.port, "workers": args.workers,
+                                   "device": args.device}.items()
                  if v is not None}
     settings = Settings(**overrides)  # flags win over the environment
     ensure_can_listen(settings.host, settings.port)  # now, not after the model load
@@ -136,6 +137,8 @@ def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("serve", help="run the search service (settings: CLIPSEARCH_* variables)")
     parser.add_argument("--index", type=Path, default=None, help="index directory (default indexes/default)")
     parser.add_argument("--model", default=None, help="the model the index was built with (default: default)")
+    parser.add_argument("--pretrained", default=None,
+                        help="with an architecture name: the pretrained tag or checkpoint file the index was built with")
     parser.add_argument("--host", default=None, help="default 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default 8000")
     parser.add_argument("--workers", type=int, default=None, help="server processes (default 1)")

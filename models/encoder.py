@@ -67,8 +67,16 @@ class ModelFingerprint:
         if recorded != self:
             raise FingerprintMismatch(
                 f"{what} was made with model {recorded}, but the loaded model is {self}; "
-                "rebuild it with this model or load the model it was built with"
+                f"rebuild it with this model or load the model it was built with{recorded.loading_hint()}"
             )
+
+    def loading_hint(self) -> str:
+        """For an architecture loaded with pretrained weights ("ViT-B-32:vit-b-32.pt", as
+        `create_model` names it), the flags that load it again; empty otherwise."""
+        name, _, pretrained = self.architecture.partition(":")
+        if not pretrained or name in ("local-dir", "hf-hub"):
+            return ""
+        return f" (--model {name} --pretrained {pretrained}: that tag, or the checkpoint file of that name)"
 
 
 class FingerprintMismatch(ValueError):

@@ -161,3 +161,26 @@ def test_a_rule_across_settings_is_reported_alone(monkeypatch: pytest.MonkeyPatc
     assert main(["serve"]) == 2
     assert "invalid settings: these settings do not go together" in caplog.text
     assert "secret-k1" not in caplog.text and "body" not in caplog.text
+
+
+def test_serve_takes_the_pretrained_weights_an_index_was_built_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`clipsearch index --model ViT-B-32 --pretrained FILE` had no `serve` counterpart: only the
+    CLIPSEARCH_PRETRAINED variable reached the server's model load."""
+    import app.main
+    from app.cli import main
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def create_app(settings):
+        seen.append(settings)
+        raise Built
+
+    monkeypatch.setattr(app.main, "create_app", create_app)
+    with pytest.raises(Built):
+        main(["serve", "--index", str(tmp_path), "--model", "ViT-B-32", "--pretrained", "/models/vit-b-32.pt",
+              "--port", "0"])
+    assert (seen[0].model, seen[0].pretrained) == ("ViT-B-32", "/models/vit-b-32.pt")
+

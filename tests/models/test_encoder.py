@@ -162,6 +162,22 @@ def test_fingerprint_identifies_weights(tiny_encoder) -> None:
         other.fingerprint.ensure_matches(same, "index")
 
 
+def test_a_mismatch_with_pretrained_weights_names_the_flags_that_load_them(tiny_encoder, tmp_path: Path) -> None:
+    """An index built with `--model ViT-B-32 --pretrained vit-b-32.pt`, served with `--model ViT-B-32`
+    alone (random weights), was refused without a word on how to load the model it needs."""
+    checkpoint = tmp_path / "weights.pt"
+    torch.save({"state_dict": tiny_encoder.model.state_dict()}, checkpoint)
+    built_with = load_encoder(TINY, pretrained=str(checkpoint), device="cpu").fingerprint
+    assert built_with.architecture == f"{TINY}:weights.pt"
+    torch.manual_seed(7)
+    with pytest.raises(FingerprintMismatch, match=f"built with \\(--model {TINY} --pretrained weights.pt: that tag, "
+                                                  "or the checkpoint file of that name\\)$"):
+        load_encoder(TINY, device="cpu").fingerprint.ensure_matches(built_with, "index")
+    assert ModelFingerprint(TINY, "0" * 64, 32).loading_hint() == ""
+    assert ModelFingerprint("hf-hub:org/model", "0" * 64, 32).loading_hint() == ""
+    assert ModelFingerprint("local-dir:/models/m", "0" * 64, 32).loading_hint() == ""
+
+
 def test_cuda_request_falls_back_to_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the fallback is for machines without it")
