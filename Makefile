@@ -17,6 +17,8 @@ EPOCHS ?=
 PYTEST_ARGS ?=
 # MODEL=ViT-B-32 PRETRAINED=laion2b_s34b_b79k (a tag, needs the hub) or PRETRAINED=/models/vit-b-32.pt
 PRETRAINED_FLAG = $(if $(PRETRAINED),--pretrained "$(PRETRAINED)")
+# PRECISION=bf16: bf16 autocast on the CPU too (index, eval, serve, bench; training for model/train)
+PRECISION_FLAG = $(if $(PRECISION),--precision $(PRECISION))
 
 .DEFAULT_GOAL := help
 .PHONY: help install apt test lint model pack train eval eval-default index serve demo bench bench-filters soak lb-test clean
@@ -52,11 +54,11 @@ model: install ## retrain the embedded default model from scratch (47-93 min mea
 
 train: install ## contrastive training: make train DATA=manifest-or-folder OUT=runs/x [MODEL=arch] [PRETRAINED=tag-or-file]
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path OUT=dir [MODEL=arch-or-dir]"; exit 2; }
-	$(CLI) train "$(DATA)" --out "$(or $(OUT),runs/train)" --model "$(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))" $(PRETRAINED_FLAG)
+	$(CLI) train "$(DATA)" --out "$(or $(OUT),runs/train)" --model "$(if $(filter default,$(MODEL)),clipsearch-tiny,$(MODEL))" $(PRETRAINED_FLAG) $(PRECISION_FLAG)
 
 eval: install ## Recall@K: make eval DATA=manifest-or-folder [MODEL=default] [PRETRAINED=...]
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=path [MODEL=...]"; exit 2; }
-	$(CLI) eval "$(DATA)" --model "$(MODEL)" $(PRETRAINED_FLAG)
+	$(CLI) eval "$(DATA)" --model "$(MODEL)" $(PRETRAINED_FLAG) $(PRECISION_FLAG)
 
 pack: install ## the default model's data as a portable 14 MB folder, build/default-pack (train with clipsearch model --data-dir build/default-pack)
 	$(CLI) model --pack build/default-pack --quiet
@@ -67,10 +69,10 @@ eval-default: install ## the default model's held-out Recall@K as the README rep
 
 index: install ## build a FAISS index: make index DATA=folder-or-manifest [OUT=indexes/default] [MODEL=default] [PRETRAINED=...]
 	@test -n "$(DATA)" || { echo "usage: make index DATA=path [OUT=dir] [MODEL=...]"; exit 2; }
-	$(CLI) index "$(DATA)" --out "$(or $(OUT),indexes/default)" --model "$(MODEL)" $(PRETRAINED_FLAG)
+	$(CLI) index "$(DATA)" --out "$(or $(OUT),indexes/default)" --model "$(MODEL)" $(PRETRAINED_FLAG) $(PRECISION_FLAG)
 
 serve: install ## run the search service: make serve [INDEX=indexes/default] [PORT=8000] [MODEL=... PRETRAINED=...]
-	$(CLI) serve --index "$(or $(INDEX),indexes/default)" --model "$(MODEL)" $(PRETRAINED_FLAG) --port "$(or $(PORT),8000)"
+	$(CLI) serve --index "$(or $(INDEX),indexes/default)" --model "$(MODEL)" $(PRETRAINED_FLAG) $(PRECISION_FLAG) --port "$(or $(PORT),8000)"
 
 demo: install ## index the stamps gallery, start the server, show example queries (Ctrl-C stops)
 	$(CLI) demo --model "$(MODEL)" $(if $(PORT),--port "$(PORT)")
@@ -82,14 +84,14 @@ OVERLOAD_PORT ?= 8078
 # $(call with_server,PORT,LOG[,ENV]) COMMAND: serve build/bench-index on PORT (stopped when the line
 # ends), wait until it is ready, then run COMMAND against it. A server that exits (a taken port)
 # stops the target with its log's end, rather than letting COMMAND measure whatever else answers there
-with_server = $(3) $(CLI) serve --index build/bench-index --port $(1) > $(2) 2>&1 & pid=$$!; \
+with_server = $(3) $(CLI) serve --index build/bench-index $(PRECISION_FLAG) --port $(1) > $(2) 2>&1 & pid=$$!; \
 	trap "kill $$pid 2>/dev/null" EXIT; \
 	for i in $$(seq 1 120); do \
 		kill -0 $$pid 2>/dev/null || { echo "the server on port $(1) did not start ($(2)):"; tail -3 $(2); exit 1; }; \
 		curl -sf http://127.0.0.1:$(1)/readyz >/dev/null && break; sleep 0.5; done;
 
-bench: install ## measure: indexing images/s, QPS/latency under 32 clients [BENCH_PROCESSES=n], then overload shedding + recovery (stamps gallery)
-	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
+bench: install ## measure: indexing images/s, QPS/latency under 32 clients [BENCH_PROCESSES=n] [PRECISION=bf16], then overload shedding + recovery (stamps gallery)
+	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2 $(PRECISION_FLAG)
 	@$(call with_server,$(BENCH_PORT),build/bench-server.log) \
 	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration 20 --processes $(BENCH_PROCESSES)
 	@echo "overload: 96 clients against one server with MAX_QUEUE=8, then 8 clients (recovery)"

@@ -161,7 +161,8 @@ def create_app(settings: Settings | None = None, encoder: Any = None) -> FastAPI
         if model is None:
             from models import load_encoder
 
-            model = await asyncio.to_thread(load_encoder, settings.model, settings.pretrained, settings.device)
+            model = await asyncio.to_thread(load_encoder, settings.model, settings.pretrained, settings.device,
+                                            precision=settings.precision)
         # no local name for the first index: this frame lives as long as the server, and would keep
         # that version (its FAISS index and metadata) in memory after every hot reload
         service = SearchService(model, await asyncio.to_thread(load_serving_index, settings, model), settings,

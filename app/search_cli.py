@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from models.precision import INFERENCE_HELP, PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ def _search(args: argparse.Namespace) -> int:
             image = load_image(args.image)
         except ImageRejected as exc:
             raise ValueError(f"{args.image}: {exc.message}") from None
-    encoder = load_encoder(args.model, args.pretrained, device=args.device)
+    encoder = load_encoder(args.model, args.pretrained, device=args.device, precision=args.precision)
     index = load_index(args.index, expected=encoder.fingerprint)
     service = SearchService(encoder, index, Settings(index_dir=args.index), Metrics())
     try:
@@ -91,6 +93,7 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--model", default="default", help="the index's model, as for `clipsearch index`")
     parser.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint for an architecture")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA when present)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=INFERENCE_HELP)
     parser.add_argument("-k", type=int, default=10, help="results (%(default)s)")
     parser.add_argument("--target", choices=("images", "texts"), default="images",
                         help="images (default), or texts: the captions/labels nearest to the query")

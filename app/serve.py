@@ -16,6 +16,7 @@ from uvicorn.supervisors.multiprocess import Process
 
 from app import lifecycle
 from app.listen import ensure_can_listen
+from models.precision import INFERENCE_HELP, PRECISIONS
 
 WORKER_HEALTHCHECK_S = 30  # seconds a worker process may go without answering its supervisor
 
@@ -60,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {"index_dir": args.index, "model": args.model, "pretrained": args.pretrained,
                                    "host": args.host, "port": args.port, "workers": args.workers,
-                                   "device": args.device}.items()
+                                   "device": args.device, "precision": args.precision}.items()
                  if v is not None}
     settings = Settings(**overrides)  # flags win over the environment
     ensure_can_listen(settings.host, settings.port)  # now, not after the model load
@@ -143,4 +144,5 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, default=None, help="default 8000")
     parser.add_argument("--workers", type=int, default=None, help="server processes (default 1)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=INFERENCE_HELP)
     parser.set_defaults(handler=_serve)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.precision import INFERENCE_HELP
 
 
 class Settings(BaseSettings):
@@ -19,6 +21,7 @@ class Settings(BaseSettings):
     model: str = Field("default", description="model: 'default', a model directory or an open_clip name")
     pretrained: str | None = Field(None, description="pretrained tag or checkpoint file for an open_clip name")
     device: str | None = Field(None, description="cpu, cuda, ... (default: CUDA when present)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=INFERENCE_HELP)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free one)")
     workers: int = Field(1, ge=1, description="server processes (each loads its own model)")

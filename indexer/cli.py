@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from models.precision import INFERENCE_HELP, PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,11 +37,13 @@ def _index(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         backend=args.backend,
         ray=RayOptions(model=args.model, pretrained=args.pretrained, address=args.ray_address,
-                       actors=args.ray_actors, batch_size=args.batch_size, device=args.device)
+                       actors=args.ray_actors, batch_size=args.batch_size, device=args.device,
+                       precision=args.precision)
         if args.backend == "ray" else None,
     )
     ensure_not_busy(args.out)
-    encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size)
+    encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size,
+                           precision=args.precision)
     logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.device,
                 len(source.records), source.root)
     summary = run_index(source, encoder, config)
@@ -55,6 +59,7 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument("--model", default="default", help="as for `clipsearch eval` (default: embedded model)")
     parser.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint for an architecture")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA when present)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=INFERENCE_HELP)
     parser.add_argument("--image-column", default=None, help="manifest column with image paths")
     parser.add_argument("--caption-column", default=None, help="manifest column with captions")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call")

@@ -33,16 +33,17 @@ class RayOptions:
     actors: int = 2
     batch_size: int = 64
     device: str | None = None
+    precision: str = "auto"
 
 
 class _EmbedActor:
     """Ray Data callable class: one model per actor, loaded once."""
 
     def __init__(self, model: str, pretrained: str | None, device: str | None, known: list[str],
-                 max_pixels: int, max_bytes: int) -> None:
+                 max_pixels: int, max_bytes: int, precision: str = "auto") -> None:
         from models.encoder import load_encoder
 
-        self.encoder = load_encoder(model, pretrained, device=device)
+        self.encoder = load_encoder(model, pretrained, device=device, precision=precision)
         self.known = set(known)
         self.limits = ImageLimits(max_pixels=max_pixels, max_bytes=max_bytes)
 
@@ -92,7 +93,7 @@ def run_ray(records: Iterable[Record], options: RayOptions, previous: Previous, 
             fn_constructor_kwargs={"model": options.model, "pretrained": options.pretrained,
                                    "device": "cuda" if gpus else (options.device or "cpu"),
                                    "known": sorted(previous), "max_pixels": limits.max_pixels,
-                                   "max_bytes": limits.max_bytes},
+                                   "max_bytes": limits.max_bytes, "precision": options.precision},
             batch_size=options.batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, min(options.actors, gpus or options.actors))),
             num_gpus=1 if gpus else 0,

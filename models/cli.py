@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 # a light module: the CLI imports torch only when a command runs
-from models.config import PRECISIONS, AugmentConfig, CaptionBankConfig, TrainConfig
+from models.config import AugmentConfig, CaptionBankConfig, TrainConfig
+from models.precision import INFERENCE_HELP, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
         warn_copies(copies, len(held))
         extra["held_out_copies"] = len(copies)
     encoder = load_encoder(args.model, args.pretrained, device=args.device, caption_bank=not args.no_caption_bank,
-                           image_bank=not args.no_image_bank)
+                           image_bank=not args.no_image_bank, precision=args.precision)
     report = evaluate(encoder, pair_set, progress=not args.quiet)
     result = {"model": str(encoder.fingerprint), **report.as_dict(), **extra}
     text = json.dumps(result, indent=2)
@@ -342,6 +343,7 @@ def _add_eval_command(subparsers: Any) -> None:
     evaluate.add_argument("--seed", type=int, default=0,
                           help="with --held-out: the seed that drew the training run's split (its --split-seed, else its --seed)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto", help=INFERENCE_HELP)
     evaluate.add_argument("--no-caption-bank", action="store_true",
                           help="score the image tower alone, without the model directory's caption bank (nor "
                           "its image bank, built through it)")

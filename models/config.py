@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-# Training precisions (`TrainConfig.precision`, `clipsearch train --precision`).
-PRECISIONS = ("auto", "fp32", "bf16")
+from models.precision import PRECISIONS  # noqa: F401  (`TrainConfig.precision`, `clipsearch train --precision`)
 
 
 @dataclass(frozen=True)

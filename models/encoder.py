@@ -3,7 +3,8 @@
 `load_encoder` accepts the embedded default model, a project model directory, an open_clip
 architecture with a pretrained tag or a local checkpoint file, or open_clip's `local-dir:` /
 `hf-hub:` names. Preprocessing runs on the CPU; the model runs on CUDA when present (autocast)
-and on the CPU otherwise, in channels_last on both. A model directory's caption bank, when it has
+and on the CPU otherwise (float32, or bf16 autocast on request: `models.precision`), in
+channels_last on both. A model directory's caption bank, when it has
 one, is applied to every image embedding (see `models.caption_bank`); its image bank to every
 caption embedded for image -> text search (`encode_captions`, see `models.image_bank`).
 """
@@ -32,6 +33,7 @@ from models.caption_bank import CaptionBank
 from models.image_bank import ImageBank
 from models.images import normalize_image
 from models.load_noise import quiet_model_build
+from models.precision import autocast_dtype
 from models.preprocess import inference_transform, preprocess_digest
 from models.text_width import agrees_with_whole_window, narrow_text_encoder
 
@@ -122,13 +124,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 def _as_texts(texts: Sequence[str] | str) -> list[str]:
     if isinstance(texts, str):
         return [texts]
@@ -173,6 +168,7 @@ class DualEncoder:
         text_batch_size: int = 256,
         caption_bank: CaptionBank | None = None,
         image_bank: ImageBank | None = None,
+        precision: str = "auto",
     ) -> None:
         self.model: Any = model.eval()  # an open_clip CLIP / CustomTextCLIP
         self.preprocess_config = dict(preprocess_config)
@@ -183,6 +179,8 @@ class DualEncoder:
         self.text_batch_size = text_batch_size
         self._architecture = architecture
         self._fingerprint: ModelFingerprint | None = None
+        self.precision = precision
+        self.autocast_dtype = autocast_dtype(device, precision)  # None: float32 (models.precision)
         # channels_last on every device: convolutional towers run faster in it on CUDA and on
         # the CPU (oneDNN) alike (README, Benchmarks); transformers have no 4-d weights to convert
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -231,7 +229,9 @@ class DualEncoder:
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def _run(self, encode: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), _autocast(self.device):
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
             batch = batch.to(self.device, non_blocking=True)
             if batch.ndim == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
@@ -496,6 +496,7 @@ def load_encoder(
     text_batch_size: int = 256,
     caption_bank: bool = True,
     image_bank: bool = True,
+    precision: str = "auto",
 ) -> DualEncoder:
     """Load a model for inference. See the module docstring for what `model` may name.
 
@@ -505,7 +506,8 @@ def load_encoder(
     leaves out the image bank alone (captions embedded as plain texts).
 
     `pretrained`: an open_clip pretrained tag (needs its hub online or cached) or a checkpoint
-    file, for an architecture name. Raises FileNotFoundError / KeyError / RuntimeError for a
+    file, for an architecture name. `precision` (`models.precision`): `auto` autocasts on CUDA
+    only, `bf16` on the CPU too (faster on CPUs with native bf16), `fp32` nowhere. Raises FileNotFoundError / KeyError / RuntimeError for a
     model that cannot be found.
     """
     target = resolve_device(device)
@@ -521,4 +523,5 @@ def load_encoder(
         text_batch_size=text_batch_size,
         caption_bank=loaded.caption_bank if caption_bank else None,
         image_bank=loaded.image_bank if caption_bank and image_bank else None,
+        precision=precision,
     )

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from models.config import PRECISIONS, TrainConfig
+from models.config import TrainConfig
+from models.precision import autocast_dtype
 
 
 def create_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -40,19 +41,8 @@ def warmup_cosine(warmup: int, total: int) -> Any:
 
 
 def amp_settings(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """The autocast dtype (None: float32) and, for float16, the gradient scaler a run uses."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp32":
-        return None, None
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16: use precision 'auto' (fp16 with a gradient scaler)")
-        return torch.bfloat16, None
-    # auto: the CPU stays in float32 by default, so a recipe's trajectory does not depend on
-    # whether the CPU has native bf16 (the embedded default model is trained this way)
-    if device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    """The autocast dtype (None: float32; see `models.precision`) and, for float16, the gradient
+    scaler a run uses. `auto` keeps the CPU in float32, so a recipe's trajectory does not depend on
+    whether the CPU has native bf16 (the embedded default model is trained this way)."""
+    dtype = autocast_dtype(device, precision)
+    return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None

@@ -28,12 +28,16 @@ from ..conftest import TINY, make_shapes_folder
 
 
 @pytest.fixture(scope="session")
-def app_encoder(tmp_path_factory: pytest.TempPathFactory):
+def app_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     loaded = create_model(TINY)
-    model_dir = save_model_dir(tmp_path_factory.mktemp("appmodel") / "model", loaded.model,
-                               loaded.model_config, loaded.preprocess_config, {"architecture": TINY})
-    return load_encoder(model_dir, device="cpu")
+    return save_model_dir(tmp_path_factory.mktemp("appmodel") / "model", loaded.model,
+                          loaded.model_config, loaded.preprocess_config, {"architecture": TINY})
+
+
+@pytest.fixture(scope="session")
+def app_encoder(app_model_dir: Path):
+    return load_encoder(app_model_dir, device="cpu")
 
 
 def build_index(data: Path, out: Path, encoder) -> Path:

@@ -358,6 +358,20 @@ async def test_index_of_another_model_is_not_served(index_dir, app_encoder) -> N
             pass
 
 
+async def test_a_server_loads_its_model_in_the_precision_its_settings_name(index_dir, app_encoder,
+                                                                         app_model_dir) -> None:
+    """CLIPSEARCH_PRECISION=bf16 (or `serve --precision bf16`) reaches the model the server loads;
+    the index built in float32 is served (same weights, same fingerprint), its answers alike."""
+    import torch
+
+    async with running(settings_for(index_dir, model=str(app_model_dir), precision="bf16"), None) as (client, app):
+        assert app.state.service.encoder.autocast_dtype == torch.bfloat16
+        half = await client.post("/v1/embed/text", json={"texts": ["a red circle"]})
+    assert half.status_code == 200
+    exact = app_encoder.encode_texts(["a red circle"])
+    assert float(np.dot(np.asarray(half.json()["embeddings"][0]), exact[0])) > 0.99
+
+
 async def test_cors_only_for_listed_origins(index_dir, app_encoder) -> None:
     async with running(settings_for(index_dir, cors_origins=["https://ok.example"]), app_encoder) as (client, _):
         allowed = await client.options("/v1/search/text", headers={

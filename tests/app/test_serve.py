@@ -163,7 +163,7 @@ def test_a_rule_across_settings_is_reported_alone(monkeypatch: pytest.MonkeyPatc
     assert "secret-k1" not in caplog.text and "body" not in caplog.text
 
 
-def test_serve_takes_the_pretrained_weights_an_index_was_built_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_takes_the_weights_and_precision_an_index_was_built_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`clipsearch index --model ViT-B-32 --pretrained FILE` had no `serve` counterpart: only the
     CLIPSEARCH_PRETRAINED variable reached the server's model load."""
     import app.main
@@ -181,6 +181,16 @@ def test_serve_takes_the_pretrained_weights_an_index_was_built_with(tmp_path: Pa
     monkeypatch.setattr(app.main, "create_app", create_app)
     with pytest.raises(Built):
         main(["serve", "--index", str(tmp_path), "--model", "ViT-B-32", "--pretrained", "/models/vit-b-32.pt",
-              "--port", "0"])
-    assert (seen[0].model, seen[0].pretrained) == ("ViT-B-32", "/models/vit-b-32.pt")
+              "--precision", "bf16", "--port", "0"])
+    assert (seen[0].model, seen[0].pretrained, seen[0].precision) == ("ViT-B-32", "/models/vit-b-32.pt", "bf16")
+
+
+def test_a_precision_the_encoder_does_not_know_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from app.cli import main
+
+    monkeypatch.setenv("CLIPSEARCH_PRECISION", "fp16")
+    assert main(["serve", "--index", str(tmp_path)]) == 2
+    assert "invalid setting precision (a flag, or CLIPSEARCH_PRECISION): Input should be 'auto', 'fp32' or 'bf16', " \
+           "got 'fp16'" in caplog.text
 
