@@ -12,6 +12,12 @@ function that embeds full-window tokens by running only the columns that count:
   after every text's pooled position cannot reach the output and go, the positional embedding and
   the causal mask cut to match (open_clip slices neither when called with fewer columns).
 
+Widths are rounded up to a multiple of `WIDTH_STEP` (the extra columns are padding, so the output
+is the same): a server meets texts of every length, and a tower run over every width from 1 to 77
+kept growing the process (oneDNN and the allocator keep per-shape state: 3,000 random batches of
+the default model's texts grew it by 230 MB in float32 and 730 MB under bf16 autocast, and by
+nothing measurable with widths in steps of 8; README).
+
 Other towers (max pooling, bidirectional transformers pooled at the last position, CoCa's appended
 class token) read their whole window and get None. `agrees_with_whole_window` checks a narrowed
 function against the tower itself, so a model built differently falls back rather than drifting.
@@ -28,6 +34,12 @@ TextEncode = Callable[[torch.Tensor], torch.Tensor]
 
 # pooled at a position that depends on the text alone (not on the window's length)
 _CAUSAL_POOLS = ("argmax", "eos", "first")
+WIDTH_STEP = 8
+
+
+def rounded_width(width: int, window: int) -> int:
+    """`width` rounded up to a multiple of `WIDTH_STEP`, at most the whole `window`."""
+    return min(window, -(-max(width, 1) // WIDTH_STEP) * WIDTH_STEP)
 
 
 def narrow_text_encoder(model: Any) -> TextEncode | None:
@@ -56,9 +68,10 @@ def agrees_with_whole_window(model: Any, encode: TextEncode, tokens: torch.Tenso
 
 
 def trim_padding(tokens: torch.Tensor, pad: int) -> torch.Tensor:
-    """`tokens` without the trailing columns that hold only `pad` (at least one column)."""
+    """`tokens` without the trailing columns that hold only `pad`, kept to a multiple of
+    `WIDTH_STEP` columns (or the whole window)."""
     used = torch.ne(tokens, pad).any(dim=0).nonzero()
-    return tokens[:, : int(used.max()) + 1 if len(used) else 1]
+    return tokens[:, : rounded_width(int(used.max()) + 1 if len(used) else 1, tokens.shape[1])]
 
 
 def _hf_padding_token(model: Any) -> int | None:
@@ -103,7 +116,7 @@ class _CausalTower:
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         parts = self.parts
-        width = int(self.pooled_positions(tokens).max()) + 1 if len(tokens) else 1
+        width = rounded_width(int(self.pooled_positions(tokens).max()) + 1 if len(tokens) else 1, tokens.shape[1])
         tokens = tokens[:, :width]
         cast_dtype = parts.transformer.get_cast_dtype()
         x = parts.token_embedding(tokens).to(cast_dtype) + parts.positional_embedding[:width].to(cast_dtype)

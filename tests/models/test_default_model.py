@@ -420,7 +420,8 @@ def test_texts_run_only_as_wide_as_they_are_and_embed_as_with_the_whole_window(
     np.testing.assert_allclose(got, reference, atol=1e-5)
     window = default_encoder.tokenizer(["a"]).shape[1]
     assert len(widths) == 6 and widths == sorted(widths)  # 360 texts in 6 batches, shortest first
-    assert widths[0] < 8 and widths[-1] == window  # only the batch holding the long text is whole
+    assert widths[0] == 8 and widths[-1] == window  # only the batch holding the long text is whole
+    assert all(width % 8 == 0 or width == window for width in widths)  # few distinct shapes
 
 
 def test_hugging_face_towers_narrow_only_with_mean_or_first_token_pooling(default_encoder) -> None:

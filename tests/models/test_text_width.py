@@ -15,14 +15,14 @@ from open_clip.tokenizer import SimpleTokenizer
 from models.encoder import DualEncoder
 from models.text_width import agrees_with_whole_window, narrow_text_encoder, trim_padding
 
-TOKENIZER = SimpleTokenizer(context_length=16)  # open_clip's own, as ViT-B-32 has (window 77)
+TOKENIZER = SimpleTokenizer(context_length=32)  # open_clip's own, as ViT-B-32 has (window 77)
 VISION = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8}
 TEXTS = ["a bird", "", "a piece of fruit on a wooden table", "🐦", "x " * 40, "a road sign", "  ",
          "a musical instrument in a dark room", "red"] * 5
 
 
 def _text_cfg(**changes: Any) -> dict[str, Any]:
-    return {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2, **changes}
+    return {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2, **changes}
 
 
 def _build(custom_text: bool = False, **text_changes: Any) -> torch.nn.Module:
@@ -65,8 +65,8 @@ def test_causal_towers_run_narrow_with_the_whole_windows_embeddings(custom_text:
         got = narrow(tokens)
     torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
     window = tokens.shape[1]
-    assert widths[0] < window  # the short texts ran over fewer columns than the window
-    assert widths[1] == (1 if changes.get("pool_type") == "first" else window)  # "x " * 40 fills it
+    assert widths[0] == (8 if changes.get("pool_type") == "first" else 16)  # the short texts: 9 columns, rounded up
+    assert widths[1] == (8 if changes.get("pool_type") == "first" else window)  # "x " * 40 fills it
     torch.testing.assert_close(short, whole[:3], atol=1e-5, rtol=1e-5)
 
 
@@ -88,10 +88,29 @@ def test_towers_that_read_their_whole_window_are_not_narrowed(custom_text: bool,
     assert not torch.allclose(whole, cut, atol=1e-4)
 
 
-def test_trim_padding_keeps_every_column_a_text_uses() -> None:
-    tokens = torch.tensor([[5, 7, 0, 0, 0], [5, 0, 9, 0, 0]])
-    assert trim_padding(tokens, 0).tolist() == [[5, 7, 0], [5, 0, 9]]
-    assert trim_padding(torch.zeros((2, 4), dtype=torch.long), 0).shape == (2, 1)
+def test_trim_padding_keeps_every_column_a_text_uses_in_steps_of_eight() -> None:
+    tokens = torch.zeros((2, 20), dtype=torch.long)
+    tokens[0, :2], tokens[1, [0, 2]] = torch.tensor([5, 7]), torch.tensor([5, 9])
+    assert trim_padding(tokens, 0).tolist() == tokens[:, :8].tolist()
+    tokens[1, 11] = 4
+    assert trim_padding(tokens, 0).shape == (2, 16)
+    tokens[1, 19] = 4
+    assert trim_padding(tokens, 0).shape == (2, 20)  # never wider than the window
+    assert trim_padding(torch.zeros((2, 20), dtype=torch.long), 0).shape == (2, 8)
+
+
+def test_a_tower_meets_few_widths_whatever_the_texts() -> None:
+    """A server sees texts of every length; the tower runs over multiples of 8 columns only (each
+    width costs per-shape state that stayed in the process: README)."""
+    model = _build()
+    widths = _widths_seen(model)
+    narrow = narrow_text_encoder(model)
+    assert narrow is not None
+    words = ["a", "bird", "red", "fruit", "on", "the", "table"]
+    with torch.inference_mode():
+        for length in range(1, 40):
+            narrow(_tokens([" ".join(words[i % 7] for i in range(length)), "a"]))
+    assert set(widths) == {8, 16, 24, 32}
 
 
 def _encoder(model: torch.nn.Module) -> DualEncoder:
