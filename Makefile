@@ -105,10 +105,10 @@ bench-filters: install ## new metadata filters over a million items: what they c
 	$(PY) -m app.bench_filters --kind contains
 
 SOAK_S ?= 600
-soak: install ## memory under load: one server, 32 clients for SOAK_S seconds (default 600); RSS sampled from /metrics
+soak: install ## memory under load: one server, 32 clients for SOAK_S seconds (default 600), texts of every length; RSS sampled from /metrics [PRECISION=bf16]
 	$(CLI) index /usr/share/tuxpaint/stamps --out build/bench-index --quiet --workers 2
 	@$(call with_server,$(BENCH_PORT),build/soak-server.log) \
-	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration $(SOAK_S)
+	$(CLI) bench --url http://127.0.0.1:$(BENCH_PORT) --clients 32 --duration $(SOAK_S) --varied-texts
 
 LB_DURATION ?= 60
 lb-test: install ## nginx (docker/nginx.conf) + 3 replicas on loopback, load + SIGKILL/SIGTERM/restarts

@@ -28,6 +28,17 @@ import numpy as np
 
 QUERIES = ("a bird", "a piece of fruit", "a musical instrument", "a road sign", "a red car", "a flower",
            "a boat on the sea", "a dinosaur", "a Christmas decoration", "a planet", "a dog", "a house")
+# --varied-texts: texts of 1 to 60 of these words, so that the server meets every text width (the
+# fixed queries above are 2-5 words: a soak on them missed memory kept per text shape, README)
+WORDS = ("a", "the", "bird", "fruit", "musical", "instrument", "road", "sign", "red", "car", "flower", "boat",
+         "on", "sea", "dinosaur", "Christmas", "decoration", "planet", "dog", "house", "small", "with", "near")
+
+
+def text_query(rng: random.Random, varied: bool = False) -> str:
+    """A text query: one of QUERIES, or with `varied` a run of 1 to 60 WORDS."""
+    if not varied:
+        return rng.choice(QUERIES)
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60)))
 
 
 @dataclass
@@ -109,9 +120,11 @@ def _image_payloads(count: int = 8) -> list[str]:
 
 
 async def drive(base: str, clients: int, duration_s: float, image_share: float, k: int = 10,
-                first_seed: int = 0, sample_memory_too: bool = True, api_key: str | None = None) -> LoadReport:
+                first_seed: int = 0, sample_memory_too: bool = True, api_key: str | None = None,
+                varied_texts: bool = False) -> LoadReport:
     """`clients` concurrent loops, each sending one request at a time until `duration_s` passes.
-    Client i draws its queries from seed `first_seed + i`. `api_key`: sent as a bearer token."""
+    Client i draws its queries from seed `first_seed + i` (`text_query`). `api_key`: sent as a
+    bearer token."""
     import httpx
 
     report = LoadReport()
@@ -125,7 +138,7 @@ async def drive(base: str, clients: int, duration_s: float, image_share: float, 
             if rng.random() < image_share:
                 path, body = "/v1/search/image", {"image_base64": rng.choice(images), "k": k}
             else:
-                path, body = "/v1/search/text", {"query": rng.choice(QUERIES), "k": k}
+                path, body = "/v1/search/text", {"query": text_query(rng, varied_texts), "k": k}
             started = time.perf_counter()
             report.sent += 1
             try:
@@ -192,25 +205,26 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 
 def _generator(base: str, clients: int, duration_s: float, image_share: float, first_seed: int,
-               sample_memory_too: bool, start_at: float, api_key: str | None) -> LoadReport:
+               sample_memory_too: bool, start_at: float, api_key: str | None, varied_texts: bool) -> LoadReport:
     """One load-generator process: wait for the common start (wall clock: every process reads the
     same one), then drive its share of the clients."""
     time.sleep(max(0.0, start_at - time.time()))
     return asyncio.run(drive(base, clients, duration_s, image_share, first_seed=first_seed,
-                             sample_memory_too=sample_memory_too, api_key=api_key))
+                             sample_memory_too=sample_memory_too, api_key=api_key, varied_texts=varied_texts))
 
 
 def drive_processes(base: str, clients: int, duration_s: float, image_share: float, processes: int,
-                    api_key: str | None = None) -> LoadReport:
+                    api_key: str | None = None, varied_texts: bool = False) -> LoadReport:
     """`drive` with the clients split as evenly as possible over `processes` generator processes."""
     if processes <= 1:
-        return asyncio.run(drive(base, clients, duration_s, image_share, api_key=api_key))
+        return asyncio.run(drive(base, clients, duration_s, image_share, api_key=api_key, varied_texts=varied_texts))
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     seeds = [sum(shares[:i]) for i in range(processes)]  # every client its own query stream
     # spawned interpreters import this module in about a second: start together after that
     start_at = time.time() + 3.0
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_generator, base, share, duration_s, image_share, seed, i == 0, start_at, api_key)
+        futures = [pool.submit(_generator, base, share, duration_s, image_share, seed, i == 0, start_at, api_key,
+                               varied_texts)
                    for i, (share, seed) in enumerate(zip(shares, seeds, strict=True))]
         return LoadReport.merged([future.result() for future in futures])
 
@@ -242,8 +256,10 @@ def _handle(args: argparse.Namespace) -> int:
     if probe.status_code == 401:
         raise ValueError(f"the server at {args.url} " + ("refused the API key given" if args.api_key else
                          "wants an API key (its CLIPSEARCH_API_KEYS): pass one with --api-key"))
-    report = drive_processes(args.url, args.clients, args.duration, args.image_share, args.processes, args.api_key)
+    report = drive_processes(args.url, args.clients, args.duration, args.image_share, args.processes, args.api_key,
+                             args.varied_texts)
     result = {"clients": args.clients, "processes": args.processes, "image_share": args.image_share,
+              "varied_texts": args.varied_texts,
               **report.as_dict(),
               "batches": batch_sizes(httpx.get(f"{args.url}/metrics", timeout=10).text)}
     print(json.dumps(result, indent=2))
@@ -262,4 +278,6 @@ def add_command(subparsers: Any) -> None:
                         help="an overload run: 429 refusals are expected and do not fail it")
     parser.add_argument("--api-key", default=None,
                         help="a key the server accepts (one of its CLIPSEARCH_API_KEYS), sent as a bearer token")
+    parser.add_argument("--varied-texts", action="store_true",
+                        help="text queries of 1 to 60 words instead of the fixed 2-5 word ones (every text width)")
     parser.set_defaults(handler=_handle)

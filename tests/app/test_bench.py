@@ -8,7 +8,7 @@ import json
 import pytest
 
 from app import bench_filters
-from app.bench import LoadReport, batch_sizes, drive_processes
+from app.bench import QUERIES, WORDS, LoadReport, batch_sizes, drive_processes, text_query
 from app.cli import main
 from app.lbtest import free_port_block
 
@@ -76,6 +76,22 @@ def test_several_generator_processes_drive_one_server(live_server: str) -> None:
     assert len(report.latencies) == report.sent
     assert report.rss_mb, "the first generator samples the server's memory"
     assert 1.4 < report.seconds < 10
+
+
+def test_varied_texts_span_every_length_up_to_sixty_words() -> None:
+    """The soak's texts: 1 to 60 words (every width of a 64-token tower); the fixed queries otherwise."""
+    import random
+
+    rng = random.Random(0)
+    lengths = {len(text_query(rng, varied=True).split()) for _ in range(3000)}
+    assert lengths == set(range(1, 61))
+    assert all(word in WORDS for word in text_query(rng, varied=True).split())
+    assert {text_query(rng) for _ in range(500)} == set(QUERIES)
+
+
+def test_a_varied_text_run_is_served_without_failures(live_server: str) -> None:
+    report = drive_processes(live_server, clients=4, duration_s=1.0, image_share=0.0, processes=1, varied_texts=True)
+    assert report.sent > 4 and report.ok == report.sent and report.failed == 0
 
 
 @pytest.mark.parametrize("processes", ["0", "4"])
