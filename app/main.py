@@ -170,8 +170,8 @@ def create_app(settings: Settings | None = None, encoder: Any = None) -> FastAPI
         await asyncio.to_thread(_warm_up, service)
         service.start()
         app.state.service = service
-        logger.info("serving %d items of index %s with model %s", len(service.index.metadata),
-                    service.index.version, model.fingerprint)
+        logger.info("serving %d items of index %s with model %s (%s)", len(service.index.metadata),
+                    service.index.version, model.fingerprint, model.runs_as)
         reloader = (asyncio.get_running_loop().create_task(_reload_loop(app, settings.reload_interval_s))
                     if settings.reload_interval_s > 0 else None)
         try:

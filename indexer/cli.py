@@ -44,7 +44,7 @@ def _index(args: argparse.Namespace) -> int:
     ensure_not_busy(args.out)
     encoder = load_encoder(args.model, args.pretrained, device=args.device, image_batch_size=args.batch_size,
                            precision=args.precision)
-    logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.device,
+    logger.info("model %s on %s; %d inputs from %s", encoder.fingerprint, encoder.runs_as,
                 len(source.records), source.root)
     summary = run_index(source, encoder, config)
     print(summary.render())

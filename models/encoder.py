@@ -179,7 +179,6 @@ class DualEncoder:
         self.text_batch_size = text_batch_size
         self._architecture = architecture
         self._fingerprint: ModelFingerprint | None = None
-        self.precision = precision
         self.autocast_dtype = autocast_dtype(device, precision)  # None: float32 (models.precision)
         # channels_last on every device: convolutional towers run faster in it on CUDA and on
         # the CPU (oneDNN) alike (README, Benchmarks); transformers have no 4-d weights to convert
@@ -209,6 +208,12 @@ class DualEncoder:
         logger.warning("%s: the narrowed text path disagrees with the whole-window one; every text "
                        "runs over the whole context window", self._architecture)
         return None
+
+    @property
+    def runs_as(self) -> str:
+        """Where and in what precision the model runs, for logs: "cpu, float32", "cuda, bfloat16 autocast"."""
+        dtype = str(self.autocast_dtype).removeprefix("torch.")
+        return f"{self.device}, {'float32' if self.autocast_dtype is None else dtype + ' autocast'}"
 
     @property
     def fingerprint(self) -> ModelFingerprint:

@@ -39,6 +39,7 @@ def test_bf16_on_the_cpu_embeds_close_to_float32_in_the_same_space(tiny_encoder,
     half.model.load_state_dict(tiny_encoder.model.state_dict())
     half._fingerprint = None
     assert half.fingerprint == tiny_encoder.fingerprint
+    assert (half.runs_as, tiny_encoder.runs_as) == ("cpu, bfloat16 autocast", "cpu, float32")
     for got, reference in ((half.encode_images(sample_images), tiny_encoder.encode_images(sample_images)),
                            (half.encode_texts(TEXTS), tiny_encoder.encode_texts(TEXTS))):
         assert got.dtype == np.float32
