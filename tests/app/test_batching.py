@@ -35,6 +35,7 @@ class SlowEncoder:
         self.fail_on = fail_on
         self.text_batches: list[int] = []
         self.dim, self.preprocess, self.fingerprint = encoder.dim, encoder.preprocess, encoder.fingerprint
+        self.runs_as = encoder.runs_as
 
     def encode_texts(self, texts):
         self.text_batches.append(len(texts))
