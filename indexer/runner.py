@@ -25,7 +25,14 @@ from indexer.build import build_index
 from indexer.embed import Embedder, Previous
 from indexer.ray_backend import RayOptions, run_ray
 from indexer.reader import Source
-from indexer.writer import ShardRow, ShardWriter, iter_shard_vectors, iter_shards, prepare_work_dir
+from indexer.writer import (
+    ShardRow,
+    ShardWriter,
+    iter_shard_rows,
+    iter_shard_vectors,
+    iter_shards,
+    prepare_work_dir,
+)
 from models.checkpoint import write_jsonl, write_npy, write_npy_rows
 from models.images import ImageLimits
 
@@ -258,7 +265,7 @@ def _run(source: Source, encoder: Any, config: IndexConfig) -> Summary:
     next_shard, done = prepare_work_dir(work_dir, _run_key(source, encoder, config, previous_index),
                                         {r.source for r in source.records})
     embedder = Embedder(encoder, config.batch_size, config.workers, config.limits, previous)
-    for rows, _ in iter_shards(work_dir):  # files of finished shards count as seen (duplicates)
+    for rows in iter_shard_rows(work_dir):  # files of finished shards count as seen (duplicates)
         embedder.seen.update({r.sha256: r.source for r in rows if r.kind in ("embedded", "reused")})
     todo = [r for r in source.records if r.source not in done]
     writer = ShardWriter(work_dir, config.shard_size, next_shard)

@@ -116,12 +116,13 @@ class _CausalTower:
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         parts = self.parts
-        width = rounded_width(int(self.pooled_positions(tokens).max()) + 1 if len(tokens) else 1, tokens.shape[1])
+        pooled = self.pooled_positions(tokens)  # all before `width`: the same in the cut tokens
+        width = rounded_width(int(pooled.max()) + 1 if len(tokens) else 1, tokens.shape[1])
         tokens = tokens[:, :width]
         cast_dtype = parts.transformer.get_cast_dtype()
         x = parts.token_embedding(tokens).to(cast_dtype) + parts.positional_embedding[:width].to(cast_dtype)
         x = parts.ln_final(parts.transformer(x, attn_mask=parts.attn_mask[:width, :width]))
-        x = x[torch.arange(x.shape[0], device=x.device), self.pooled_positions(tokens)]
+        x = x[torch.arange(x.shape[0], device=x.device), pooled]
         projection = parts.text_projection
         if projection is None:
             return x
